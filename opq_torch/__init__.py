@@ -1,0 +1,1 @@
+"""opq_torch: the thin PyTorch adapter of opq."""
