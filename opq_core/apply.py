@@ -1,0 +1,45 @@
+"""Applying a plan: realized masks and dequantized (fake-quant) weights of one layer."""
+from __future__ import annotations
+
+import numpy as np
+
+from .stats import as_matrix
+
+__all__ = ["layer_mask", "layer_mask_from", "apply_layer"]
+
+
+def layer_mask_from(score: np.ndarray, lam: float, kept: int, name: str = "?") -> np.ndarray:
+    """Flat mask keeping every score > lam, then the first (flat order) ties == lam up
+    to exactly ``kept`` kept entries."""
+    score = np.asarray(score).reshape(-1)
+    mask = score > lam
+    have = int(np.count_nonzero(mask))
+    if have > kept:
+        raise ValueError(f"layer {name!r}: {have} scores exceed lam={lam!r} but the plan keeps "
+                         f"{kept} (weights differ from the planned ones?)")
+    if have < kept:
+        ties = np.flatnonzero(score == lam)
+        if ties.size < kept - have:
+            raise ValueError(f"layer {name!r}: cannot keep {kept} weights at lam={lam!r} "
+                             f"(weights differ from the planned ones?)")
+        mask[ties[:kept - have]] = True
+    return mask
+
+
+def layer_mask(lp, w) -> np.ndarray:
+    """The realized boolean mask (shape of the layer) of plan layer ``lp``."""
+    from .allocate import score_layer
+    score = score_layer(w, lp.score_q, lp.channel_scale)
+    return layer_mask_from(score, lp.lam, lp.kept, lp.name).reshape(lp.shape)
+
+
+def apply_layer(lp, w, mask=None) -> np.ndarray:
+    """Dequantized weights of one layer (same dtype as ``w``)."""
+    from .kernels import fake_quant
+    w = np.asarray(w)
+    if mask is None:
+        mask = layer_mask(lp, w)
+    dtype = w.dtype if w.dtype in (np.float32, np.float64) else np.float32
+    out = fake_quant(w.astype(dtype, copy=False), np.asarray(mask, dtype=bool), lp.channel_scale,
+                     lp.thresholds, lp.step, lp.bits, lp.grid)
+    return out.astype(w.dtype, copy=False)
