@@ -639,39 +639,60 @@ def _mean_threshold(ctx, i, lam, score_q):
     return float(np.sum(t * w) / max(np.sum(w), 1e-300))
 
 
-def _predicted_sparsity_lam(ctx, qn, lam):
-    """Laplace-predicted pruned fraction of each layer at multiplier ``lam``."""
-    out = []
+def _channel_table(ctx, qn):
+    """Concatenated per-channel (scale, fan-in, q_c, layer index) of the live channels."""
+    s_all, fan_all, q_all, lid = [], [], [], []
     for i, st in enumerate(ctx.stats):
         s = ctx.scales[i]
         live = s > 0
-        fan = st.n // st.channels
-        t = channel_thresholds(lam, qn[i], s[live]) / s[live]
-        pruned = fan * (np.sum(em.pruned_fraction(t)) + np.count_nonzero(~live))
-        out.append(pruned / st.n)
-    return np.array(out)
+        s_all.append(s[live])
+        fan_all.append(np.full(int(live.sum()), st.n // max(st.channels, 1), dtype=np.float64))
+        q_all.append(qn[i] * s[live] ** 2)
+        lid.append(np.full(int(live.sum()), i, dtype=np.int64))
+    return (np.concatenate(s_all), np.concatenate(fan_all), np.concatenate(q_all),
+            np.concatenate(lid))
+
+
+def _pruned_per_channel(s, q, lam):
+    with np.errstate(invalid="ignore"):
+        v = lam + q
+    t = np.sqrt(np.maximum(np.where(np.isnan(v), 0.0, v), 0.0)) / s
+    return -np.expm1(-t)
+
+
+def _predicted_sparsity_lam(ctx, qn, lam):
+    """Laplace-predicted pruned fraction of each layer at multiplier ``lam``
+    (all-zero channels count as pruned)."""
+    s, fan, q, lid = _channel_table(ctx, qn)
+    pruned = np.bincount(lid, weights=fan * _pruned_per_channel(s, q, lam),
+                         minlength=len(ctx.stats))
+    sizes = ctx.sizes.astype(np.float64)
+    live_n = np.bincount(lid, weights=fan, minlength=len(ctx.stats))
+    return (pruned + (sizes - live_n)) / sizes
 
 
 def _analytic_lambda(ctx, qn, target):
     """Root of sum_i n_i p_i(lambda) = target * N (Laplace model)."""
-    n = ctx.sizes.astype(np.float64)
-    N = n.sum()
     if target <= 0:
+        return -np.inf
+    s, fan, q, _ = _channel_table(ctx, qn)
+    N = float(ctx.sizes.sum())
+    goal = target * N - (N - float(fan.sum()))  # all-zero channels are pruned anyway
+    if s.size == 0 or goal <= 0:
         return -np.inf
 
     def f(lam):
-        return float(np.dot(n, _predicted_sparsity_lam(ctx, qn, lam))) - target * N
+        return float(np.dot(fan, _pruned_per_channel(s, q, lam))) - goal
 
-    lo = -max(float(np.max(qn[i] * ctx.scales[i] ** 2)) if ctx.scales[i].size else 0.0
-              for i in range(len(ctx.stats))) - 1e-300
+    lo = -float(np.max(q)) if q.size else 0.0
     if f(lo) >= 0:
         return lo
-    hi = max(1e-30, max(float(np.max(s)) ** 2 if s.size else 0.0 for s in ctx.scales))
-    for _ in range(200):
+    hi = max(1e-30, float(np.max(s)) ** 2)
+    for _ in range(400):
         if f(hi) >= 0:
             break
         hi *= 2.0
-    return optimize.brentq(f, lo, hi, xtol=1e-14 * hi, rtol=1e-12, maxiter=500)
+    return optimize.brentq(f, lo, hi, xtol=1e-15 * hi, rtol=4 * np.finfo(float).eps, maxiter=500)
 
 
 def _solve_sparsity(ctx: _Context, sparsity: float, bits: int):
@@ -683,7 +704,7 @@ def _solve_sparsity(ctx: _Context, sparsity: float, bits: int):
     lams = np.full(L, -np.inf)
     n_iter = 1 if (ctx.grid == "offset" and ctx.error_model == "laplace") else 3
     for it in range(n_iter):
-        kept, lams, glam = _realize_sparsity(ctx, sparsity, score_q)
+        kept, lams, glam, perr, ps2 = _realize_sparsity(ctx, sparsity, score_q)
         if it == n_iter - 1:
             break
         # refine the per-layer constants at the realized thresholds
@@ -696,7 +717,8 @@ def _solve_sparsity(ctx: _Context, sparsity: float, bits: int):
     else:
         alam = _analytic_lambda(ctx, score_q, sparsity)
         pred = _predicted_sparsity_lam(ctx, score_q, alam)
-    layers = _build_layers(ctx, [bits] * L, steps, qn, score_q, lams, kept, pred)
+    layers = _build_layers(ctx, [bits] * L, steps, qn, score_q, lams, kept, pred,
+                           errors=(perr, ps2))
     total_pruned = int(ctx.sizes.sum() - sum(kept))
     want = round(sparsity * int(ctx.sizes.sum()))
     status, msg = 0, f"pruned {total_pruned} of {int(ctx.sizes.sum())} weights (target {want})"
@@ -714,57 +736,58 @@ def _dead(ctx, i):
 
 
 def _realize_sparsity(ctx: _Context, sparsity: float, score_q: np.ndarray):
-    """Exact-count masks: returns (kept per layer, lam per layer, global lam)."""
+    """Exact-count masks: (kept, lam per layer, global lam, pruning error, pruned s^2)."""
+    from .select import select_global
     L = len(ctx.names)
     sizes = ctx.sizes
-    scores = [score_layer(ctx.arrays[ctx.names[i]], score_q[i], ctx.scales[i])
-              for i in range(L)]
-    kept = np.zeros(L, dtype=np.int64)
-    lams = np.full(L, -np.inf)
+    ws = [ctx.arrays[n] for n in ctx.names]
+    s2s = [ctx.scales[i] * ctx.scales[i] for i in range(L)]
+    qcs = [float(score_q[i]) * s2s[i] for i in range(L)]
+    deads = [_dead(ctx, i) for i in range(L)]
+    n_dead = np.array([int(np.count_nonzero(d)) * (sizes[i] // max(len(d), 1))
+                       for i, d in enumerate(deads)], dtype=np.int64)
     if ctx.method == "uniform":
+        kept = np.zeros(L, dtype=np.int64)
+        lams = np.full(L, -np.inf)
+        perr = np.zeros(L)
+        ps2 = np.zeros(L)
         for i in range(L):
-            k = round(sparsity * int(sizes[i]))
-            n_dead = int(np.count_nonzero(np.isneginf(scores[i])))
-            k = max(k, n_dead)
-            if k > 0:
-                lams[i] = _kth_smallest(scores[i], k)
+            k = max(round(sparsity * int(sizes[i])), int(n_dead[i]))
+            sel = select_global([ws[i]], [qcs[i]], [s2s[i]], [deads[i]], k)
             kept[i] = sizes[i] - k
-        return kept, lams, -np.inf
+            lams[i] = sel.lam
+            perr[i] = sel.pruning_error[0]
+            ps2[i] = sel.pruned_s2[0]
+        return kept, lams, -np.inf, perr, ps2
     N = int(sizes.sum())
-    k = round(sparsity * N)
-    n_dead = sum(int(np.count_nonzero(np.isneginf(sc))) for sc in scores)
-    k = max(k, n_dead)
-    if k == 0:
-        return sizes.copy(), lams, -np.inf
-    allsc = np.concatenate(scores) if L > 1 else scores[0]
-    v = _kth_smallest(allsc, k)
-    less = np.array([np.count_nonzero(sc < v) for sc in scores], dtype=np.int64)
-    eq = np.array([np.count_nonzero(sc == v) for sc in scores], dtype=np.int64)
-    need = k - int(less.sum())
-    tie_pruned = np.zeros(L, dtype=np.int64)
-    for i in range(L - 1, -1, -1):  # among ties, the later ones (global order) are pruned
-        take = min(int(eq[i]), need)
-        tie_pruned[i] = take
-        need -= take
-    kept = sizes - less - tie_pruned
-    lams[:] = v
-    return kept, lams, v
+    k = max(round(sparsity * N), int(n_dead.sum()))
+    sel = select_global(ws, qcs, s2s, deads, k)
+    kept = sizes - sel.pruned
+    lams = np.full(L, sel.lam)
+    return kept, lams, sel.lam, sel.pruning_error, sel.pruned_s2
 
 
-def _build_layers(ctx, bits, steps, qn, score_q, lams, kept, pred):
+def _build_layers(ctx, bits, steps, qn, score_q, lams, kept, pred, errors=None):
+    """LayerPlan rows. ``errors`` = (pruning error, pruned s_c^2 sum) per layer when the
+    selection measured them; otherwise they are measured on the realized masks."""
     from .apply import layer_mask_from
     layers = []
     for i, name in enumerate(ctx.names):
         st = ctx.stats[i]
         arr = ctx.arrays[name]
         s = ctx.scales[i]
-        sc = score_layer(arr, score_q[i], s)
-        mask = layer_mask_from(sc, float(lams[i]), int(kept[i]), name)
-        w = as_matrix(arr).astype(np.float64)
-        mk = mask.reshape(w.shape)
-        prune_err = float(np.sum(np.where(mk, 0.0, w * w)))
-        kept_c = mk.sum(axis=1)
-        quant_err = float(qn[i] * np.sum(kept_c * s ** 2))
+        fan = st.n // max(st.channels, 1)
+        if errors is not None:
+            prune_err = float(errors[0][i])
+            kept_s2 = float(fan * np.sum(s * s) - errors[1][i])
+        else:
+            sc = score_layer(arr, score_q[i], s)
+            mask = layer_mask_from(sc, float(lams[i]), int(kept[i]), name)
+            w = as_matrix(arr).astype(np.float64)
+            mk = mask.reshape(w.shape)
+            prune_err = float(np.sum(np.where(mk, 0.0, w * w)))
+            kept_s2 = float(np.sum(mk.sum(axis=1) * (s * s)))
+        quant_err = float(qn[i] * max(kept_s2, 0.0))
         layers.append(LayerPlan(
             name=name, shape=st.shape, dtype=str(np.dtype(arr.dtype)), bits=int(bits[i]),
             grid=ctx.grid, step=float(steps[i]), channel_scale=s.copy(),
