@@ -179,6 +179,7 @@ class Plan:
     min_budget_bits: float | None = None
     stats_seconds: float = 0.0
     solve_seconds: float = 0.0
+    select_seconds: float = 0.0
     version: int = FORMAT_VERSION
 
     # ---- totals -----------------------------------------------------------------
@@ -216,7 +217,8 @@ class Plan:
 
     @property
     def seconds(self) -> float:
-        return self.stats_seconds + self.solve_seconds
+        """Wall time of :func:`plan`: statistics + solve + mask selection."""
+        return self.stats_seconds + self.solve_seconds + self.select_seconds
 
     def __getitem__(self, name: str) -> LayerPlan:
         for layer in self.layers:
@@ -283,6 +285,7 @@ class Plan:
             "min_budget_bits": self.min_budget_bits,
             "stats_seconds": float(self.stats_seconds),
             "solve_seconds": float(self.solve_seconds),
+            "select_seconds": float(self.select_seconds),
             "layers": [layer.to_dict() for layer in self.layers],
             "totals": {"n": self.n, "kept": self.kept, "sparsity": self.sparsity,
                        "size_bits": self.size_bits, "paper_rate": self.paper_rate,
@@ -340,8 +343,8 @@ class Plan:
         rows.append(
             f"method={self.method} channelwise={self.channelwise} grid={self.grid} "
             f"error_model={self.error_model} paper_rate={self.paper_rate:.2f}x "
-            f"size={self.size_bits / 8 / 1024:.1f} KiB solve={self.solve_seconds * 1e3:.1f} ms "
-            f"stats={self.stats_seconds * 1e3:.1f} ms")
+            f"size={self.size_bits / 8 / 1024:.1f} KiB stats={self.stats_seconds * 1e3:.1f} ms "
+            f"solve={self.solve_seconds * 1e3:.1f} ms select={self.select_seconds * 1e3:.1f} ms")
         rows.append(f"success={self.success} status={self.status}: {self.message}")
         return "\n".join(rows)
 
@@ -487,7 +490,8 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
                 error_model=error_model, target_sparsity=sparsity,
                 budget_bits=None if budget is None else float(budget), lam=float(lam),
                 skipped=tuple(skipped), success=status < 2, status=status, message=message,
-                min_budget_bits=min_budget, stats_seconds=t1 - t0, solve_seconds=t2 - t1)
+                min_budget_bits=min_budget, stats_seconds=t1 - t0,
+                solve_seconds=t2 - t1 - ctx.select_seconds, select_seconds=ctx.select_seconds)
 
 
 # ---------------------------------------------------------------------------
@@ -602,6 +606,7 @@ class _Context:
     error_model: str
     method: str
     _sorted: dict = field(default_factory=dict)
+    select_seconds: float = 0.0
 
     @property
     def sizes(self):
@@ -753,7 +758,9 @@ def _realize_sparsity(ctx: _Context, sparsity: float, score_q: np.ndarray):
         ps2 = np.zeros(L)
         for i in range(L):
             k = max(round(sparsity * int(sizes[i])), int(n_dead[i]))
+            t0 = time.perf_counter()
             sel = select_global([ws[i]], [qcs[i]], [s2s[i]], [deads[i]], k)
+            ctx.select_seconds += time.perf_counter() - t0
             kept[i] = sizes[i] - k
             lams[i] = sel.lam
             perr[i] = sel.pruning_error[0]
@@ -761,7 +768,9 @@ def _realize_sparsity(ctx: _Context, sparsity: float, score_q: np.ndarray):
         return kept, lams, -np.inf, perr, ps2
     N = int(sizes.sum())
     k = max(round(sparsity * N), int(n_dead.sum()))
+    t0 = time.perf_counter()
     sel = select_global(ws, qcs, s2s, deads, k)
+    ctx.select_seconds += time.perf_counter() - t0
     kept = sizes - sel.pruned
     lams = np.full(L, sel.lam)
     return kept, lams, sel.lam, sel.pruning_error, sel.pruned_s2

@@ -35,6 +35,11 @@ def _band_pass(x, qc, s2, dead, lo, hi, rows_per_chunk, cap,
     C = x.shape[0]
     fan = x.shape[1]
     nchunk = c_count.shape[0]
+    lo_f = max(lo, -1e300)
+    hi_f = min(hi, 1e300)
+    mid = 0.5 * lo_f + 0.5 * hi_f
+    half = 0.5 * hi_f - 0.5 * lo_f
+    half = half + 8.0 * 2.220446049250313e-16 * (abs(mid) + half) + 1e-300
     for ch in prange(nchunk):
         r0 = ch * rows_per_chunk
         r1 = min(C, r0 + rows_per_chunk)
@@ -63,23 +68,31 @@ def _band_pass(x, qc, s2, dead, lo, hi, rows_per_chunk, cap,
                         else:
                             over = True
                 continue
+            # branch-free counting (the below/above test is a coin flip near the median);
+            # the in-band test is one well-predicted branch on a slightly widened
+            # interval, then the exact test
+            nrow = 0.0
+            sqrow = 0.0
             for j in range(fan):
                 v = np.float64(x[c, j])
                 sq = v * v
                 score = sq - q
-                if score < lo:
-                    nb += 1
-                    sqb += sq
-                    s2b += sc2
-                elif score <= hi:
-                    if n < cap:
-                        c_score[base + n] = score
-                        c_sq[base + n] = sq
-                        c_s2[base + n] = sc2
-                        c_idx[base + n] = c * fan + j
-                        n += 1
-                    else:
-                        over = True
+                b = 1.0 if score < lo else 0.0
+                nrow += b
+                sqrow += sq * b
+                if abs(score - mid) <= half:
+                    if score >= lo and score <= hi:
+                        if n < cap:
+                            c_score[base + n] = score
+                            c_sq[base + n] = sq
+                            c_s2[base + n] = sc2
+                            c_idx[base + n] = c * fan + j
+                            n += 1
+                        else:
+                            over = True
+            nb += np.int64(nrow)
+            sqb += sqrow
+            s2b += sc2 * nrow
         c_count[ch] = n
         b_count[ch] = nb
         b_sq[ch] = sqb

@@ -1,0 +1,59 @@
+"""Allocation speed: opq_core.plan vs one NumPy pass over the same weights.
+
+Weights shaped like AlexNet, ResNet-50 and MobileNet-V1 (Laplace draws, per-layer scales
+over two decades). Every figure is a ratio to ``sum(np.abs(w).sum())`` timed in the same
+run. Compile time (first call) is reported apart.
+
+    python benchmarks/bench_allocate.py [--quick] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import emit, timeit  # noqa: E402
+
+from opq_core import plan  # noqa: E402
+from opq_core.examples import laplace_weights  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="MobileNet only, fewer repeats")
+    ap.add_argument("--json", help="write the JSON result here")
+    args = ap.parse_args(argv)
+    archs = ["mobilenet_v1"] if args.quick else ["alexnet", "resnet50", "mobilenet_v1"]
+    repeat = 3 if args.quick else 7
+    t = time.perf_counter()
+    plan({"w": np.random.default_rng(0).laplace(size=(64, 64)).astype(np.float32)}, sparsity=0.5)
+    compile_s = time.perf_counter() - t
+    rows = []
+    for arch in archs:
+        w = laplace_weights(arch)
+        n = sum(v.size for v in w.values())
+        base = timeit(lambda: sum(float(np.abs(v).sum()) for v in w.values()), repeat=repeat)
+        for mode, kw in (("sparsity 0.9, 4 bits", dict(sparsity=0.9, bits=4)),
+                         ("sparsity 0.5, 2 bits", dict(sparsity=0.5, bits=2))):
+            plans = []
+            total = timeit(lambda: plans.append(plan(w, **kw)), repeat=repeat)
+            p = plans[-1]
+            st = np.median([q.stats_seconds for q in plans])
+            so = np.median([q.solve_seconds for q in plans])
+            se = np.median([q.select_seconds for q in plans])
+            rows.append({"model": arch, "weights": n, "mode": mode,
+                         "numpy pass ms": base * 1e3, "plan ms": total * 1e3,
+                         "plan / pass": total / base, "stats / pass": st / base,
+                         "select / pass": se / base, "solve ms": so * 1e3,
+                         "paper_rate": p.paper_rate})
+    cols = ["model", "weights", "mode", "numpy pass ms", "plan ms", "plan / pass",
+            "stats / pass", "select / pass", "solve ms", "paper_rate"]
+    emit("bench_allocate", {"compile_seconds": compile_s, "rows": rows}, rows, cols, args.json)
+
+
+if __name__ == "__main__":
+    main()
