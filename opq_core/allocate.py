@@ -64,6 +64,12 @@ class LayerPlan:
     predicted_sparsity : sparsity the Laplace model predicts for this layer.
     pruning_error : sum of the squared pruned weights (measured).
     predicted_error : ``pruning_error + sum_kept quant_error * s_c^2``.
+    codebook : ``None`` for the uniform grids; for ``grid == "codebook"`` (ANNC's
+        non-uniform quantizer) the sorted non-zero centroids in absolute units (float64
+        values exactly representable in float32, at most ``2**bits`` of them). A kept weight
+        takes the nearest centroid; its code is ``1 + index`` (0 = pruned), packed as the
+        ``bits``-bit symbol ``index``. ``channel_scale``, ``step`` and ``lam`` are unused
+        by the quantizer then, and the mask must be stored (it is not derived from a score).
     """
 
     name: str
@@ -81,6 +87,7 @@ class LayerPlan:
     predicted_sparsity: float
     pruning_error: float
     predicted_error: float
+    codebook: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -119,6 +126,8 @@ class LayerPlan:
             "kept": int(self.kept), "predicted_sparsity": float(self.predicted_sparsity),
             "pruning_error": float(self.pruning_error),
             "predicted_error": float(self.predicted_error),
+            "codebook": (None if self.codebook is None
+                         else [float(v) for v in self.codebook]),
         }
 
     @classmethod
@@ -126,6 +135,8 @@ class LayerPlan:
         d = dict(d)
         d["shape"] = tuple(int(s) for s in d["shape"])
         d["channel_scale"] = np.asarray(d["channel_scale"], dtype=np.float64)
+        if d.get("codebook") is not None:
+            d["codebook"] = np.asarray(d["codebook"], dtype=np.float64)
         d["bits"] = int(d["bits"])
         d["kept"] = int(d["kept"])
         for k in ("step", "lam", "score_q", "quant_error", "predicted_sparsity",

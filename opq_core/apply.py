@@ -38,8 +38,16 @@ def apply_layer(lp, w, mask=None) -> np.ndarray:
     from .kernels import fake_quant
     w = np.asarray(w)
     if mask is None:
+        if lp.grid == "codebook":
+            raise ValueError(f"layer {lp.name!r}: a codebook (ANNC) layer needs its stored mask; "
+                             "pass masks=")
         mask = layer_mask(lp, w)
     dtype = w.dtype if w.dtype in (np.float32, np.float64) else np.float32
+    if lp.grid == "codebook":
+        from .codebook import fake_quant_codebook
+        out = fake_quant_codebook(w.astype(dtype, copy=False), np.asarray(mask, dtype=bool),
+                                  lp.codebook)
+        return out.astype(w.dtype, copy=False)
     out = fake_quant(w.astype(dtype, copy=False), np.asarray(mask, dtype=bool), lp.channel_scale,
                      lp.thresholds, lp.step, lp.bits, lp.grid)
     return out.astype(w.dtype, copy=False)
