@@ -479,16 +479,24 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
     sparsity, bits_set, budget = _check_args(weights, sparsity, bits, rate, budget_bits,
                                              method, channelwise, grid, error_model)
     names, skipped = _select_layers(weights, exclude)
-    arrays = {}
+    # A lazy source (a file opened with opq_core.open_weights) is read again tensor by
+    # tensor on every pass instead of being held: peak memory is bounded by the largest
+    # tensor, not the model (sparsity mode; budget mode keeps sorted copies).
+    lazy = _is_lazy(weights)
+    arrays = _Reread(weights) if lazy else {}
     stats = []
+    dtypes = []
     for name in names:
         arr = check_weight(name, weights[name])
-        arrays[name] = arr
+        if not lazy:
+            arrays[name] = arr
+        dtypes.append(str(np.dtype(arr.dtype)))
         stats.append(layer_stats(name, arr))
+        del arr
     t1 = time.perf_counter()
     scales = [_round_scales(st.channel_scale if channelwise == "unified"
                             else np.full(st.channels, st.scale)) for st in stats]
-    ctx = _Context(names, arrays, stats, scales, grid, error_model, method)
+    ctx = _Context(names, arrays, stats, scales, grid, error_model, method, dtypes)
     if budget is None:
         layers, lam, status, message = _solve_sparsity(ctx, sparsity, bits_set[0])
         min_budget = None
@@ -562,22 +570,67 @@ def _check_args(weights, sparsity, bits, rate, budget_bits, method, channelwise,
     return sparsity, bits_set, budget
 
 
+def _is_lazy(weights) -> bool:
+    from .io import LazyWeights
+    return isinstance(weights, LazyWeights)
+
+
+class _Reread(Mapping):
+    """name -> validated array, read again from a lazy source on every access."""
+
+    def __init__(self, source):
+        self._src = source
+
+    def __getitem__(self, name):
+        return check_weight(name, self._src[name])
+
+    def __iter__(self):
+        return iter(self._src)
+
+    def __len__(self):
+        return len(self._src)
+
+
+class _LazyList(Sequence):
+    """The arrays of ``names`` in order, fetched from ``arrays`` on each access."""
+
+    def __init__(self, arrays, names):
+        self._arrays = arrays
+        self._names = list(names)
+
+    def __getitem__(self, i):
+        return self._arrays[self._names[i]]
+
+    def __len__(self):
+        return len(self._names)
+
+
+def _tensor_info(weights, name):
+    """(ndim, dtype kind, size) of a tensor, from metadata when the source has it."""
+    info = getattr(weights, "tensor_info", None)
+    if info is not None:
+        shape, dtype = info(name)
+        return len(shape), np.dtype(dtype), int(np.prod(shape))
+    w = weights[name]
+    arr = w if hasattr(w, "ndim") and hasattr(w, "dtype") else np.asarray(w)
+    return arr.ndim, np.dtype(arr.dtype), int(np.prod(arr.shape))
+
+
 def _select_layers(weights, exclude):
     exclude = [] if exclude is None else list([exclude] if isinstance(exclude, str) else exclude)
     for name in exclude:
         if name not in weights:
             raise ValueError(f"exclude: no tensor named {name!r} in weights")
     names, skipped = [], []
-    for name, w in weights.items():
+    for name in weights:
         if not isinstance(name, str):
             raise TypeError(f"weights: layer names must be strings, got {name!r}")
-        arr = w if hasattr(w, "ndim") and hasattr(w, "dtype") else np.asarray(w)
-        kind = np.dtype(arr.dtype).kind if hasattr(arr, "dtype") else "O"
-        if arr.ndim >= 2 and kind != "f":
+        ndim, dtype, size = _tensor_info(weights, name)
+        if ndim >= 2 and dtype.kind != "f":
             raise TypeError(
-                f"weights[{name!r}]: a {arr.ndim}-D tensor must be float16/32/64 to be "
-                f"compressed, got dtype {arr.dtype} (exclude it to leave it alone)")
-        if arr.ndim >= 2 and name not in exclude and int(np.prod(arr.shape)) > 0:
+                f"weights[{name!r}]: a {ndim}-D tensor must be float16/32/64 to be "
+                f"compressed, got dtype {dtype} (exclude it to leave it alone)")
+        if ndim >= 2 and name not in exclude and size > 0:
             names.append(name)
         else:
             skipped.append(name)
@@ -616,6 +669,7 @@ class _Context:
     grid: str
     error_model: str
     method: str
+    dtypes: list
     _sorted: dict = field(default_factory=dict)
     select_seconds: float = 0.0
 
@@ -756,7 +810,8 @@ def _realize_sparsity(ctx: _Context, sparsity: float, score_q: np.ndarray):
     from .select import select_global
     L = len(ctx.names)
     sizes = ctx.sizes
-    ws = [ctx.arrays[n] for n in ctx.names]
+    ws = _LazyList(ctx.arrays, ctx.names) if isinstance(ctx.arrays, _Reread) else \
+        [ctx.arrays[n] for n in ctx.names]
     s2s = [ctx.scales[i] * ctx.scales[i] for i in range(L)]
     qcs = [float(score_q[i]) * s2s[i] for i in range(L)]
     deads = [_dead(ctx, i) for i in range(L)]
@@ -770,7 +825,8 @@ def _realize_sparsity(ctx: _Context, sparsity: float, score_q: np.ndarray):
         for i in range(L):
             k = max(round(sparsity * int(sizes[i])), int(n_dead[i]))
             t0 = time.perf_counter()
-            sel = select_global([ws[i]], [qcs[i]], [s2s[i]], [deads[i]], k)
+            sel = select_global([ws[i]], [qcs[i]], [s2s[i]], [deads[i]], k,
+                                sizes=sizes[i:i + 1])
             ctx.select_seconds += time.perf_counter() - t0
             kept[i] = sizes[i] - k
             lams[i] = sel.lam
@@ -780,7 +836,7 @@ def _realize_sparsity(ctx: _Context, sparsity: float, score_q: np.ndarray):
     N = int(sizes.sum())
     k = max(round(sparsity * N), int(n_dead.sum()))
     t0 = time.perf_counter()
-    sel = select_global(ws, qcs, s2s, deads, k)
+    sel = select_global(ws, qcs, s2s, deads, k, sizes=sizes)
     ctx.select_seconds += time.perf_counter() - t0
     kept = sizes - sel.pruned
     lams = np.full(L, sel.lam)
@@ -794,13 +850,13 @@ def _build_layers(ctx, bits, steps, qn, score_q, lams, kept, pred, errors=None):
     layers = []
     for i, name in enumerate(ctx.names):
         st = ctx.stats[i]
-        arr = ctx.arrays[name]
         s = ctx.scales[i]
         fan = st.n // max(st.channels, 1)
         if errors is not None:
             prune_err = float(errors[0][i])
             kept_s2 = float(fan * np.sum(s * s) - errors[1][i])
         else:
+            arr = ctx.arrays[name]
             sc = score_layer(arr, score_q[i], s)
             mask = layer_mask_from(sc, float(lams[i]), int(kept[i]), name)
             w = as_matrix(arr).astype(np.float64)
@@ -809,7 +865,7 @@ def _build_layers(ctx, bits, steps, qn, score_q, lams, kept, pred, errors=None):
             kept_s2 = float(np.sum(mk.sum(axis=1) * (s * s)))
         quant_err = float(qn[i] * max(kept_s2, 0.0))
         layers.append(LayerPlan(
-            name=name, shape=st.shape, dtype=str(np.dtype(arr.dtype)), bits=int(bits[i]),
+            name=name, shape=st.shape, dtype=ctx.dtypes[i], bits=int(bits[i]),
             grid=ctx.grid, step=float(steps[i]), channel_scale=s.copy(),
             scale_dtype=_scale_dtype(s), lam=float(lams[i]), score_q=float(score_q[i]),
             quant_error=float(qn[i]), kept=int(kept[i]),

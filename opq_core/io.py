@@ -78,10 +78,11 @@ def open_weights(path) -> LazyWeights:
             z = np.load(path, allow_pickle=False)
             return LazyWeights(z.files, lambda n: z[n], path, fmt, z.close)
         if fmt == "safetensors":
-            from safetensors import safe_open
-            f = safe_open(str(path), framework="numpy")
-            names = list(f.keys())
-            return LazyWeights(names, f.get_tensor, path, fmt)
+            header = _safetensors_header(path)
+            names = [k for k in header if k != "__metadata__"]
+            w = LazyWeights(names, lambda n: _read_safetensors_tensor(path, header, n), path, fmt)
+            w.tensor_info = lambda n: _safetensors_info(header, n)
+            return w
         if fmt == "pt":
             sd = _load_pt(path)
             return LazyWeights(sd.keys(), sd.__getitem__, path, fmt)
@@ -93,6 +94,70 @@ def open_weights(path) -> LazyWeights:
     except Exception as exc:
         raise ValueError(f"path: cannot read {str(path)!r} as {fmt}: {exc}") from None
     raise AssertionError(fmt)  # pragma: no cover
+
+
+_ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
+              "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?", "U16": "<u2", "U32": "<u4",
+              "U64": "<u8"}
+
+
+def _safetensors_header(path) -> dict:
+    """The JSON header of a .safetensors file (8-byte little-endian length + JSON)."""
+    import json
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"path: {str(path)!r} is too short to be a safetensors file")
+        n = int.from_bytes(raw, "little")
+        if n <= 0 or 8 + n > size:
+            raise ValueError(f"path: {str(path)!r} has a corrupt safetensors header length {n}")
+        header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError(f"path: {str(path)!r} has a corrupt safetensors header")
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        lo, hi = info["data_offsets"]
+        if not 0 <= lo <= hi or 8 + n + hi > size:
+            raise ValueError(f"path: {str(path)!r} is truncated: tensor {name!r} needs bytes "
+                             f"{lo}..{hi} of the payload, the file has {size - 8 - n}")
+        info["_start"] = 8 + n + lo
+    return header
+
+
+def _safetensors_info(header, name):
+    info = header[name]
+    dt = info["dtype"]
+    if dt == "BF16":
+        return tuple(info["shape"]), np.dtype(np.float32)
+    if dt not in _ST_DTYPES:
+        raise ValueError(f"tensor {name!r}: unsupported safetensors dtype {dt!r}")
+    return tuple(info["shape"]), np.dtype(_ST_DTYPES[dt])
+
+
+def _read_safetensors_tensor(path, header, name):
+    """Read one tensor with a plain file read (no memory map: the pages of tensors already
+    used do not stay resident, so memory is bounded by the largest tensor)."""
+    info = header[name]
+    shape = tuple(info["shape"])
+    lo, hi = info["data_offsets"]
+    count = int(np.prod(shape))
+    dt = info["dtype"]
+    with open(path, "rb") as f:
+        f.seek(info["_start"])
+        if dt == "BF16":
+            raw = np.fromfile(f, dtype="<u2", count=count)
+            if raw.size != count:
+                raise ValueError(f"tensor {name!r}: truncated data")
+            return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        _, dtype = _safetensors_info(header, name)
+        if count * dtype.itemsize != hi - lo:
+            raise ValueError(f"tensor {name!r}: {hi - lo} bytes do not hold {shape} of {dt}")
+        arr = np.fromfile(f, dtype=dtype, count=count)
+    if arr.size != count:
+        raise ValueError(f"tensor {name!r}: truncated data")
+    return arr.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
 
 
 def load_weights(path) -> dict:

@@ -175,15 +175,19 @@ class Selection:
 
 
 def select_global(weights, qcs, s2s, deads, k: int, *, sample_size: int = 100_000,
-                  margin: float = 0.002) -> Selection:
+                  margin: float = 0.002, sizes=None) -> Selection:
     """Prune exactly ``k`` weights of smallest score over all layers (see module doc).
 
-    ``weights``: list of arrays; ``qcs``: per-channel score offsets ``q_c`` (score =
+    ``weights``: a sequence of arrays (it may fetch each array on access: every array
+    is used in turn and dropped, so a lazy sequence bounds memory); ``sizes``: their
+    element counts when known (saves fetching them); ``qcs``: per-channel score offsets ``q_c`` (score =
     ``w^2 - q_c``); ``s2s``: per-channel ``s_c^2``; ``deads``: per-channel bool (score
     ``-inf``).
     """
     L = len(weights)
-    sizes = np.array([int(np.prod(np.shape(w))) for w in weights], dtype=np.int64)
+    if sizes is None:
+        sizes = np.array([int(np.prod(np.shape(w))) for w in weights], dtype=np.int64)
+    sizes = np.asarray(sizes, dtype=np.int64)
     N = int(sizes.sum())
     pruned = np.zeros(L, dtype=np.int64)
     perr = np.zeros(L)

@@ -338,3 +338,24 @@ def test_masks_reject_other_model():
     other["layer1.weight"] = np.ones((3, 3), np.float32)
     with pytest.raises(ValueError, match=r"'layer1.weight'.*shape \(3, 3\).*another model"):
         p.masks(other)
+
+
+def test_lazy_file_source_gives_the_same_plan(tmp_path):
+    """A file opened lazily is read tensor by tensor on each pass; the plan is identical."""
+    from safetensors.numpy import save_file
+
+    from opq_core import open_weights
+    rng = np.random.default_rng(5)
+    w = {"a.weight": rng.laplace(size=(32, 16, 3, 3)).astype(np.float32),
+         "a.bias": rng.normal(size=32).astype(np.float32),
+         "b.weight": (0.3 * rng.laplace(size=(10, 512))).astype(np.float16)}
+    save_file(w, str(tmp_path / "w.safetensors"))
+    np.savez(tmp_path / "w.npz", **w)
+    for name in ("w.safetensors", "w.npz"):
+        with open_weights(tmp_path / name) as lazy:
+            for kw in (dict(sparsity=0.8), dict(sparsity=0.6, method="uniform"),
+                       dict(rate=40)):
+                a = plan(lazy, **kw)
+                b = plan(w, **kw)
+                assert a.to_dict()["layers"] == b.to_dict()["layers"], (name, kw)
+                assert a.skipped == b.skipped == ("a.bias",)
