@@ -1,0 +1,275 @@
+"""Slow, obviously-correct NumPy oracles of the kernels in :mod:`opq_core.kernels`.
+
+Every oracle follows the formula of DESIGN.md with the kernels' operation order: the
+arithmetic is float64, element-wise in the order written, and the result is cast to the
+output dtype at the very end. The kernels must equal these bit for bit.
+
+Packing oracles work one bit or one symbol at a time with Python integers, so that they
+share no code and no trick with the kernels.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "levels", "codebook", "fake_quant", "codes", "dequantize", "ste_backward", "clip_mask",
+    "scores", "mask_from_scores", "topk_mask_by_magnitude", "mask_from_threshold",
+    "symbol", "symbols", "code_of_symbol", "pack_bits", "unpack_bits", "pack_mask",
+    "unpack_mask", "gap_encode", "gap_decode", "pack_codes", "unpack_codes",
+]
+
+
+def _rows(a):
+    """View a tensor as (output channels, fan-in)."""
+    a = np.asarray(a)
+    return a.reshape(a.shape[0], -1)
+
+
+def _channel(v, c):
+    v = np.asarray(v, dtype=np.float64)
+    return np.full(c, float(v)) if v.ndim == 0 else v.reshape(c)
+
+
+def _magnitude_index(a, grid, s, theta, step, bits):
+    """float64 magnitude index k in 1..K of |w| = a (2-D, channels first)."""
+    kmax = float(2 ** (bits - 1))
+    sd = (s * step)[:, None]
+    if grid == "offset":
+        kf = np.floor((a - theta[:, None]) / sd) + 1.0
+    elif grid == "symmetric":
+        kf = np.rint(a / sd)
+    else:
+        raise ValueError(grid)
+    kf = np.where(kf > kmax, kmax, kf)
+    kf = np.where(kf >= 1.0, kf, 1.0)  # also maps NaN to 1
+    return kf
+
+
+def _level(kf, grid, s, theta, step):
+    """float64 level of magnitude index kf (2-D, channels first)."""
+    if grid == "offset":
+        return theta[:, None] + s[:, None] * ((kf - 0.5) * step)
+    return kf * (s * step)[:, None]
+
+
+def levels(scale_c, threshold_c, step, bits, grid):
+    """The K float64 levels of one channel, ascending."""
+    kf = np.arange(1, 2 ** (bits - 1) + 1, dtype=np.float64)[None, :]
+    s = np.array([float(scale_c)])
+    th = np.array([float(threshold_c)])
+    return _level(kf, grid, s, th, float(step))[0]
+
+
+def codebook(scale_c, threshold_c, step, bits, grid, dtype):
+    """Every value channel c may hold after fake_quant, cast to ``dtype``: 0 and +-levels."""
+    lv = levels(scale_c, threshold_c, step, bits, grid)
+    return np.concatenate([[0.0], lv, -lv]).astype(dtype)
+
+
+def fake_quant(w, mask, scale, threshold, step, bits, grid="offset"):
+    """Pruned + fake-quantized weights (dtype of w): DESIGN.md's quantizer, sign(0) = +1."""
+    w = np.asarray(w)
+    x = _rows(w).astype(np.float64)
+    m = _rows(mask).astype(bool)
+    c = x.shape[0]
+    s = _channel(scale, c)
+    th = _channel(threshold, c)
+    kf = _magnitude_index(np.abs(x), grid, s, th, float(step), bits)
+    lv = _level(kf, grid, s, th, float(step))
+    val = np.where(x >= 0.0, lv, -lv)
+    out = np.where(m, val, 0.0)
+    return out.astype(w.dtype).reshape(w.shape)
+
+
+def codes(w, mask, scale, threshold, step, bits, grid="offset"):
+    """Signed magnitude indices (int64): 0 pruned, +-k kept with the sign of w (0 -> +)."""
+    w = np.asarray(w)
+    x = _rows(w).astype(np.float64)
+    m = _rows(mask).astype(bool)
+    c = x.shape[0]
+    s = _channel(scale, c)
+    th = _channel(threshold, c)
+    k = _magnitude_index(np.abs(x), grid, s, th, float(step), bits).astype(np.int64)
+    sk = np.where(x >= 0.0, k, -k)
+    return np.where(m, sk, 0).reshape(w.shape)
+
+
+def dequantize(cd, scale, threshold, step, bits, grid="offset", dtype=np.float32):
+    """Dense values of codes with the level formula of :func:`fake_quant`."""
+    cd = np.asarray(cd)
+    ci = _rows(cd).astype(np.int64)
+    c = ci.shape[0]
+    s = _channel(scale, c)
+    th = _channel(threshold, c)
+    kf = np.abs(ci).astype(np.float64)
+    lv = _level(kf, grid, s, th, float(step))
+    out = np.where(ci > 0, lv, np.where(ci < 0, -lv, 0.0))
+    return out.astype(dtype).reshape(cd.shape)
+
+
+def clip_mask(w, mask, scale, threshold, step, bits, grid="offset"):
+    """Kept entries whose unclipped magnitude index exceeds K."""
+    w = np.asarray(w)
+    a = np.abs(_rows(w).astype(np.float64))
+    m = _rows(mask).astype(bool)
+    c = a.shape[0]
+    s = _channel(scale, c)
+    th = _channel(threshold, c)
+    sd = (s * float(step))[:, None]
+    if grid == "offset":
+        kf = np.floor((a - th[:, None]) / sd) + 1.0
+    else:
+        kf = np.rint(a / sd)
+    return (m & (kf > float(2 ** (bits - 1)))).reshape(w.shape)
+
+
+def ste_backward(grad, mask, clip=None):
+    """grad where kept (and not clipped), +0.0 elsewhere."""
+    g = np.asarray(grad)
+    keep = np.asarray(mask, bool)
+    if clip is not None:
+        keep = keep & ~np.asarray(clip, bool)
+    return np.where(keep, g, np.zeros((), g.dtype)).astype(g.dtype)
+
+
+def scores(w, q_c, dead=None):
+    """Flat float64 scores w^2 - q_c; dead channels -inf."""
+    x = _rows(w).astype(np.float64)
+    c = x.shape[0]
+    q = _channel(q_c, c)
+    sc = x * x - q[:, None]
+    if dead is not None:
+        sc[np.asarray(dead, bool)] = -np.inf
+    return sc.reshape(-1)
+
+
+def mask_from_scores(score, lam, kept):
+    """Keep scores > lam, then the earliest scores == lam up to ``kept`` in all."""
+    s = np.asarray(score, np.float64)
+    flat = s.reshape(-1)
+    m = flat > lam
+    for i in np.flatnonzero(flat == lam):
+        if m.sum() >= kept:
+            break
+        m[i] = True
+    if m.sum() != kept:
+        raise ValueError("infeasible")
+    return m.reshape(s.shape)
+
+
+def topk_mask_by_magnitude(w, kept):
+    """Keep the ``kept`` largest |w|; among equal |w| the earlier flat position first."""
+    a = np.abs(np.asarray(w).astype(np.float64)).reshape(-1)
+    order = np.argsort(-a, kind="stable")
+    m = np.zeros(a.size, bool)
+    m[order[:kept]] = True
+    return m.reshape(np.shape(w))
+
+
+def mask_from_threshold(w, threshold):
+    """|w| >= theta_c per channel (NaN -> False)."""
+    w = np.asarray(w)
+    a = np.abs(_rows(w).astype(np.float64))
+    th = _channel(threshold, a.shape[0])
+    return (a >= th[:, None]).reshape(w.shape)
+
+
+def symbol(code, bits):
+    """One nonzero code -> its unsigned symbol: (|k| - 1) | (sign << (bits - 1))."""
+    k = abs(int(code))
+    assert 1 <= k <= 2 ** (bits - 1)
+    return (k - 1) + (2 ** (bits - 1) if int(code) < 0 else 0)
+
+
+def symbols(cd, bits):
+    return np.array([symbol(c, bits) for c in np.asarray(cd).reshape(-1)],
+                    dtype=np.uint8).reshape(np.shape(cd))
+
+
+def code_of_symbol(sym, bits):
+    half = 2 ** (bits - 1)
+    sym = int(sym)
+    return -(sym - half + 1) if sym >= half else sym + 1
+
+
+def pack_bits(syms, bits):
+    """LSB-first bit stream: bit t of symbol i is stream bit i*bits + t."""
+    syms = [int(v) for v in np.asarray(syms).reshape(-1)]
+    nbits = len(syms) * bits
+    out = bytearray((nbits + 7) // 8)
+    for i, v in enumerate(syms):
+        for t in range(bits):
+            if (v >> t) & 1:
+                j = i * bits + t
+                out[j // 8] |= 1 << (j % 8)
+    return np.frombuffer(bytes(out), dtype=np.uint8)
+
+
+def unpack_bits(buf, bits, count):
+    buf = [int(b) for b in np.asarray(buf)]
+    out = []
+    for i in range(count):
+        v = 0
+        for t in range(bits):
+            j = i * bits + t
+            v |= ((buf[j // 8] >> (j % 8)) & 1) << t
+        out.append(v)
+    return np.array(out, dtype=np.uint8)
+
+
+def pack_mask(mask):
+    """One bit per entry, flat order, bit j in byte j // 8 at position j % 8."""
+    return pack_bits(np.asarray(mask, bool).reshape(-1).astype(np.uint8), 1)
+
+
+def unpack_mask(buf, n):
+    return unpack_bits(buf, 1, n).astype(bool)
+
+
+def _varint(g):
+    out = []
+    while True:
+        low = g % 128
+        g //= 128
+        if g:
+            out.append(low + 128)
+        else:
+            out.append(low)
+            return out
+
+
+def gap_encode(mask):
+    """LEB128 varints of the number of pruned entries before each kept one."""
+    out = []
+    prev = -1
+    for p in np.flatnonzero(np.asarray(mask, bool).reshape(-1)):
+        out += _varint(int(p) - prev - 1)
+        prev = int(p)
+    return np.array(out, dtype=np.uint8)
+
+
+def gap_decode(buf, n):
+    m = np.zeros(n, bool)
+    pos, g, shift = -1, 0, 0
+    for b in (int(v) for v in np.asarray(buf)):
+        g += (b % 128) << shift
+        shift += 7
+        if b < 128:
+            pos += g + 1
+            m[pos] = True
+            g, shift = 0, 0
+    return m
+
+
+def pack_codes(cd, mask, bits):
+    cd = np.asarray(cd).reshape(-1)
+    m = np.asarray(mask, bool).reshape(-1)
+    return pack_bits(symbols(cd[m], bits), bits)
+
+
+def unpack_codes(buf, mask, bits):
+    m = np.asarray(mask, bool)
+    syms = unpack_bits(buf, bits, int(m.sum()))
+    out = np.zeros(m.size, dtype=np.int64)
+    out[np.flatnonzero(m.reshape(-1))] = [code_of_symbol(s, bits) for s in syms]
+    return out.reshape(m.shape)
