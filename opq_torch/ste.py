@@ -1,0 +1,327 @@
+r"""Straight-through fake-quantization for PyTorch.
+
+Two quantizers, each as a torch custom operator (opaque to ``torch.compile``) wrapped in an
+``autograd.Function`` whose backward is the straight-through estimator:
+
+- :class:`FakeQuantSTE` -- the uniform grids of :func:`opq_core.kernels.fake_quant`
+  ("offset", "symmetric"): per output channel ``c`` a scale :math:`s_c`, a threshold
+  :math:`\theta_c`, one normalized step :math:`D` and :math:`K = 2^{B-1}` levels.
+- :class:`CodebookSTE` -- the non-uniform codebook of an ANNC layer: the nearest of the
+  sorted non-zero centroids :math:`c_0 < c_1 < \dots`.
+
+Forward on CPU tensors runs the opq_core kernel on NumPy views of the tensors (no copy of
+the weights); on any other device the same formula runs in torch ops in float64 and gives
+the same bits (:func:`fake_quant_torch`, :func:`fake_quant_codebook_torch`; both are tested
+against the kernels on CPU). The output has the dtype of the latent weight; float16 and
+bfloat16 weights are computed from their exact float32 values and the float32 result is
+rounded once more to the weight dtype.
+
+The backward pass is
+
+.. math:: \frac{\partial L}{\partial w} = \frac{\partial L}{\partial \hat w}\,[\text{mask}],
+
+with pruned positions exactly ``+0.0`` (:func:`opq_core.kernels.ste_backward` on CPU).
+
+Examples
+--------
+>>> import torch
+>>> w = torch.tensor([[0.3, -0.9, 0.05, 0.5]], requires_grad=True)
+>>> mask = torch.tensor([[True, True, False, True]])
+>>> scale = torch.tensor([1.0], dtype=torch.float64)
+>>> thr = torch.tensor([0.1], dtype=torch.float64)
+>>> y = fake_quant_ste(w, mask, scale, thr, 0.5, 2, "offset")
+>>> y.detach().tolist()
+[[0.3499999940395355, -0.8500000238418579, 0.0, 0.3499999940395355]]
+>>> y.sum().backward()
+>>> w.grad.tolist()
+[[1.0, 1.0, 0.0, 1.0]]
+"""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import torch
+
+from opq_core import kernels as _k
+
+__all__ = ["FakeQuantSTE", "CodebookSTE", "fake_quant_ste", "fake_quant_codebook_ste",
+           "fake_quant_torch", "fake_quant_codebook_torch", "codebook_midpoints",
+           "ste_backward_torch"]
+
+_HALF = (torch.float16, torch.bfloat16)
+_GRID_IDS = {"offset": 0, "symmetric": 1}
+
+
+# --------------------------------------------------------------------------------------
+# the formulas in torch ops (any device)
+# --------------------------------------------------------------------------------------
+
+def _compute_dtype(dtype):
+    """Dtype the kernels see: float32/float64 as they are, half types as float32."""
+    if dtype in _HALF:
+        return torch.float32
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"fake_quant: w must be a floating tensor (float16, bfloat16, float32 "
+                        f"or float64), got dtype {dtype}")
+    return dtype
+
+
+def _channels_view(v, ndim):
+    """A per-channel vector shaped ``(C, 1, ..., 1)`` to broadcast over a weight."""
+    return v.reshape((v.shape[0],) + (1,) * (ndim - 1))
+
+
+def fake_quant_torch(w, mask, scale, threshold, step, bits, grid="offset"):
+    r"""Prune + fake-quantize in torch ops, float64, bit for bit :func:`opq_core.kernels.fake_quant`.
+
+    .. math::
+
+        \delta_c &= s_c D,\quad K = 2^{B-1} \\
+        \text{offset:}\quad k &= \operatorname{clip}(\lfloor (|w| - \theta_c)/\delta_c \rfloor
+            + 1, 1, K),\quad \ell = \theta_c + s_c ((k - \tfrac12) D) \\
+        \text{symmetric:}\quad k &= \operatorname{clip}(\operatorname{rint}(|w|/\delta_c), 1, K),
+            \quad \ell = k \delta_c \\
+        \hat w &= [\text{mask}]\,(\ell \text{ if } w \ge 0 \text{ else } -\ell)
+
+    The operations and their order are the kernel's, so on finite and infinite inputs the
+    result equals the kernel's on every device. A kept NaN weight gives NaN here (the CPU
+    kernel raises ValueError instead).
+
+    Parameters
+    ----------
+    w : Tensor, floating, output channels first
+    mask : bool Tensor of ``w``'s shape (True = kept)
+    scale, threshold : float64 Tensors of shape ``(C,)``
+    step : float
+    bits : int in 1..8
+    grid : "offset" or "symmetric"
+
+    Returns
+    -------
+    Tensor of ``w``'s dtype and device.
+
+    Examples
+    --------
+    >>> w = torch.tensor([[0.3, -0.9, 0.05, 0.5]])
+    >>> m = torch.tensor([[True, True, False, True]])
+    >>> one = torch.ones(1, dtype=torch.float64)
+    >>> fake_quant_torch(w, m, one, 0.1 * one, 0.5, 2).tolist()
+    [[0.3499999940395355, -0.8500000238418579, 0.0, 0.3499999940395355]]
+    """
+    if grid not in _GRID_IDS:
+        raise ValueError(f"fake_quant: grid must be 'offset' or 'symmetric', got {grid!r}")
+    cdt = _compute_dtype(w.dtype)
+    x = w.to(cdt).to(torch.float64)
+    nd = x.dim()
+    s = _channels_view(scale.to(device=x.device, dtype=torch.float64), nd)
+    th = _channels_view(threshold.to(device=x.device, dtype=torch.float64), nd)
+    d = float(step)
+    kmax = float(1 << (int(bits) - 1))
+    sd = s * d
+    a = x.abs()
+    if grid == "offset":
+        kf = torch.floor((a - th) / sd) + 1.0
+    else:
+        kf = torch.round(a / sd)  # half to even, as rint
+    kf = torch.where(kf > kmax, kmax, kf)
+    kf = torch.where(kf >= 1.0, kf, 1.0)  # NaN -> 1, as in the kernel
+    if grid == "offset":
+        level = th + s * ((kf - 0.5) * d)
+    else:
+        level = kf * sd
+    val = torch.where(x >= 0.0, level, -level)
+    val = torch.where(torch.isnan(x), x, val)
+    out = torch.where(mask, val, 0.0)
+    return out.to(cdt).to(w.dtype)
+
+
+def codebook_midpoints(codebook):
+    r"""Decision boundaries of a sorted codebook: :math:`m_j = (c_j + c_{j+1}) / 2` in float64.
+
+    >>> codebook_midpoints(torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)).tolist()
+    [-0.25, 1.25]
+    """
+    c = codebook.to(torch.float64)
+    return (c[:-1] + c[1:]) / 2.0
+
+
+def fake_quant_codebook_torch(w, mask, codebook):
+    r"""Nearest-centroid fake quantization of kept weights, in torch ops (any device).
+
+    The index of a kept weight is the number of midpoints strictly below it (as float64),
+    so a weight exactly on a midpoint takes the lower centroid:
+
+    .. math::
+
+        i(w) = \#\{j : m_j < w\},\qquad \hat w = [\text{mask}]\; c_{i(w)}
+
+    The centroid (float64) is rounded to float32 and then to ``w``'s dtype.
+
+    >>> w = torch.tensor([[-0.25, 0.3, 3.0]])
+    >>> cb = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)
+    >>> fake_quant_codebook_torch(w, torch.ones(1, 3, dtype=torch.bool), cb).tolist()
+    [[-1.0, 0.5, 2.0]]
+    """
+    cdt = _compute_dtype(w.dtype)
+    c = codebook.to(device=w.device, dtype=torch.float64)
+    if c.numel() == 0:
+        return torch.zeros_like(w)
+    x = w.to(cdt).to(torch.float64)
+    idx = torch.bucketize(x, codebook_midpoints(c), right=False)
+    out = torch.where(mask, c[idx], 0.0)
+    return out.to(cdt).to(w.dtype)
+
+
+def ste_backward_torch(grad, mask):
+    """``grad`` where kept, ``+0.0`` where pruned (torch ops, any device)."""
+    return torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
+# --------------------------------------------------------------------------------------
+# CPU: the opq_core kernels through NumPy views
+# --------------------------------------------------------------------------------------
+
+def _np(t):
+    """Zero-copy NumPy view of a CPU tensor (contiguous, detached)."""
+    return t.detach().contiguous().numpy()
+
+
+def _fq_cpu(w, mask, scale, threshold, step, bits, grid):
+    cdt = _compute_dtype(w.dtype)
+    x = w if w.dtype == cdt else w.to(cdt)
+    out = _k.fake_quant(_np(x), _np(mask), _np(scale), _np(threshold), step, bits, grid)
+    y = torch.from_numpy(out)
+    return y if y.dtype == w.dtype else y.to(w.dtype)
+
+
+_codebook_impl = None
+
+
+def _codebook_kernel():
+    """``opq_core.codebook.fake_quant_codebook`` when that module exists, else None."""
+    global _codebook_impl
+    if _codebook_impl is None:
+        try:
+            mod = importlib.import_module("opq_core.codebook")
+            _codebook_impl = getattr(mod, "fake_quant_codebook", False)
+        except ImportError:
+            _codebook_impl = False
+    return _codebook_impl or None
+
+
+def _fqc_cpu(w, mask, codebook):
+    fn = _codebook_kernel()
+    if fn is None or codebook.numel() == 0:
+        return fake_quant_codebook_torch(w, mask, codebook)
+    cdt = _compute_dtype(w.dtype)
+    x = w if w.dtype == cdt else w.to(cdt)
+    out = fn(_np(x), _np(mask), _np(codebook.to(torch.float64)))
+    y = torch.from_numpy(np.ascontiguousarray(out))
+    return y if y.dtype == w.dtype else y.to(w.dtype)
+
+
+def _ste_cpu(grad, mask):
+    if grad.dtype not in (torch.float32, torch.float64):
+        return ste_backward_torch(grad, mask)
+    return torch.from_numpy(_k.ste_backward(_np(grad), _np(mask)))
+
+
+# --------------------------------------------------------------------------------------
+# custom operators: opaque to torch.compile, CPU kernel vs torch-ops per device
+# --------------------------------------------------------------------------------------
+
+@torch.library.custom_op("opq::fake_quant", mutates_args=())
+def _fake_quant_op(w: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor,
+                   threshold: torch.Tensor, step: float, bits: int, grid: str) -> torch.Tensor:
+    return fake_quant_torch(w, mask, scale, threshold, step, bits, grid)
+
+
+@_fake_quant_op.register_kernel("cpu")
+def _(w, mask, scale, threshold, step, bits, grid):
+    return _fq_cpu(w, mask, scale, threshold, step, bits, grid)
+
+
+@_fake_quant_op.register_fake
+def _(w, mask, scale, threshold, step, bits, grid):
+    return torch.empty_like(w, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("opq::fake_quant_codebook", mutates_args=())
+def _fake_quant_codebook_op(w: torch.Tensor, mask: torch.Tensor,
+                            codebook: torch.Tensor) -> torch.Tensor:
+    return fake_quant_codebook_torch(w, mask, codebook)
+
+
+@_fake_quant_codebook_op.register_kernel("cpu")
+def _(w, mask, codebook):
+    return _fqc_cpu(w, mask, codebook)
+
+
+@_fake_quant_codebook_op.register_fake
+def _(w, mask, codebook):
+    return torch.empty_like(w, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("opq::ste_backward", mutates_args=())
+def _ste_backward_op(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return ste_backward_torch(grad, mask)
+
+
+@_ste_backward_op.register_kernel("cpu")
+def _(grad, mask):
+    return _ste_cpu(grad, mask)
+
+
+@_ste_backward_op.register_fake
+def _(grad, mask):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+# --------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------
+
+class FakeQuantSTE(torch.autograd.Function):
+    """Uniform-grid prune + fake-quant with a straight-through gradient.
+
+    ``FakeQuantSTE.apply(w, mask, scale, threshold, step, bits, grid)``; see
+    :func:`fake_quant_torch` for the formula. Only ``w`` receives a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, w, mask, scale, threshold, step, bits, grid):
+        ctx.save_for_backward(mask)
+        return _fake_quant_op(w, mask, scale, threshold, float(step), int(bits), str(grid))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return _ste_backward_op(grad.contiguous(), mask), None, None, None, None, None, None
+
+
+class CodebookSTE(torch.autograd.Function):
+    """Codebook (ANNC) prune + fake-quant with a straight-through gradient.
+
+    ``CodebookSTE.apply(w, mask, codebook)``; see :func:`fake_quant_codebook_torch`.
+    """
+
+    @staticmethod
+    def forward(ctx, w, mask, codebook):
+        ctx.save_for_backward(mask)
+        return _fake_quant_codebook_op(w, mask, codebook)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return _ste_backward_op(grad.contiguous(), mask), None, None
+
+
+def fake_quant_ste(w, mask, scale, threshold, step, bits, grid="offset"):
+    """Functional form of :class:`FakeQuantSTE`."""
+    return FakeQuantSTE.apply(w, mask, scale, threshold, step, bits, grid)
+
+
+def fake_quant_codebook_ste(w, mask, codebook):
+    """Functional form of :class:`CodebookSTE`."""
+    return CodebookSTE.apply(w, mask, codebook)
