@@ -122,86 +122,56 @@ def _bad_weight(name, flat, shape, argument="weights"):
 # ---------------------------------------------------------------------------
 
 @jit()
-def _p1_block(x, b, lo, hi, mask, s, e):
-    # density d = w^2 / b; mask = d > hi; count the band lo <= d <= hi (d > 0)
+def _band_block(x, b, lo, hi, mask, s, e, cd, ci, base, cap):
+    # density d = w^2 / b; mask = d > hi; the band lo <= d <= hi (d > 0) is copied into
+    # cd/ci[base : base + cap] (counted beyond cap: the caller retries with more room)
     above = 0
     band = 0
     nz = 0
-    bad = 0
+    ok = 0
     sqa = 0.0
     sqt = 0.0
-    mxv = -1.0
-    mxi = -1
+    mx = 0.0
     for j in range(s, e):
         v = np.float64(x[j])
         sq = v * v
-        if not (sq < np.inf):
-            bad += 1
-            mask[j] = False
-            continue
+        fin = sq < np.inf
+        ok += 1 if fin else 0
+        sq = sq if fin else 0.0
         d = sq / b
+        a = d > hi
+        mask[j] = a
+        above += 1 if a else 0
+        sqa += sq if a else 0.0
         sqt += sq
-        if sq > 0.0:
-            nz += 1
-            if sq > mxv:
-                mxv = sq
-                mxi = j
-        if d > hi:
-            mask[j] = True
-            above += 1
-            sqa += sq
-        else:
-            mask[j] = False
-            if d >= lo and d > 0.0:
-                band += 1
-    return above, band, nz, bad, sqa, sqt, mxv, mxi
+        nz += 1 if sq > 0.0 else 0
+        mx = max(mx, sq)
+        if d >= lo and d <= hi and d > 0.0:
+            if band < cap:
+                cd[base + band] = d
+                ci[base + band] = j
+            band += 1
+    return above, band, nz, (e - s) - ok, sqa, sqt, mx
 
 
 @jit(parallel=True)
-def _p1_par(x, b, lo, hi, mask, above, band, nz, bad, sqa, sqt, mxv, mxi):
+def _band_par(x, b, lo, hi, mask, cd, ci, cap, above, band, nz, bad, sqa, sqt, mx):
     n = x.shape[0]
     for k in prange(above.shape[0]):
         s = k * _BLOCK
         e = min(n, s + _BLOCK)
-        (above[k], band[k], nz[k], bad[k], sqa[k], sqt[k], mxv[k],
-         mxi[k]) = _p1_block(x, b, lo, hi, mask, s, e)
+        (above[k], band[k], nz[k], bad[k], sqa[k], sqt[k],
+         mx[k]) = _band_block(x, b, lo, hi, mask, s, e, cd, ci, k * cap, cap)
 
 
 @jit()
-def _p1_ser(x, b, lo, hi, mask, above, band, nz, bad, sqa, sqt, mxv, mxi):
+def _band_ser(x, b, lo, hi, mask, cd, ci, cap, above, band, nz, bad, sqa, sqt, mx):
     n = x.shape[0]
     for k in range(above.shape[0]):
         s = k * _BLOCK
         e = min(n, s + _BLOCK)
-        (above[k], band[k], nz[k], bad[k], sqa[k], sqt[k], mxv[k],
-         mxi[k]) = _p1_block(x, b, lo, hi, mask, s, e)
-
-
-@jit()
-def _p2_block(x, b, lo, hi, cd, ci, at, s, e):
-    for j in range(s, e):
-        v = np.float64(x[j])
-        d = (v * v) / b
-        if d <= hi and d >= lo and d > 0.0:
-            cd[at] = d
-            ci[at] = j
-            at += 1
-
-
-@jit(parallel=True)
-def _p2_par(x, b, lo, hi, offsets, cd, ci):
-    n = x.shape[0]
-    for k in prange(offsets.shape[0]):
-        s = k * _BLOCK
-        _p2_block(x, b, lo, hi, cd, ci, offsets[k], s, min(n, s + _BLOCK))
-
-
-@jit()
-def _p2_ser(x, b, lo, hi, offsets, cd, ci):
-    n = x.shape[0]
-    for k in range(offsets.shape[0]):
-        s = k * _BLOCK
-        _p2_block(x, b, lo, hi, cd, ci, offsets[k], s, min(n, s + _BLOCK))
+        (above[k], band[k], nz[k], bad[k], sqa[k], sqt[k],
+         mx[k]) = _band_block(x, b, lo, hi, mask, s, e, cd, ci, k * cap, cap)
 
 
 @jit()
@@ -228,43 +198,45 @@ class _Pass:
     sq_above: float
     sq_total: float
     argmax: int
+    cd: np.ndarray
+    ci: np.ndarray
 
 
-def _pass1(x, b, lo, hi, mask):
+def _band_pass(x, b, lo, hi, mask, frac):
+    """One pass over a flat layer: masks above the band, band candidates, sums.
+    None when a weight is not finite."""
     n = x.shape[0]
     nb = max(1, -(-n // _BLOCK))
+    blk = min(n, _BLOCK)
+    cap = int(min(blk, math.ceil(3.0 * frac * blk) + 256))
     above = np.zeros(nb, np.int64)
     band = np.zeros(nb, np.int64)
     nz = np.zeros(nb, np.int64)
     bad = np.zeros(nb, np.int64)
     sqa = np.zeros(nb)
     sqt = np.zeros(nb)
-    mxv = np.full(nb, -1.0)
-    mxi = np.full(nb, -1, np.int64)
-    if n:
-        kern = _p1_par if n >= PARALLEL_MIN_SIZE else _p1_ser
-        kern(x, float(b), float(lo), float(hi), mask, above, band, nz, bad, sqa, sqt, mxv, mxi)
-    if bad.any():
-        return None
+    mx = np.zeros(nb)
+    kern = _band_par if n >= PARALLEL_MIN_SIZE else _band_ser
+    while True:
+        cd = np.empty(nb * cap)
+        ci = np.empty(nb * cap, np.int64)
+        if n:
+            kern(x, float(b), float(lo), float(hi), mask, cd, ci, cap, above, band, nz, bad,
+                 sqa, sqt, mx)
+        if bad.any():
+            return None
+        if int(band.max()) <= cap:
+            break
+        cap = int(band.max())  # exact room now known
+    take = np.concatenate([np.arange(k * cap, k * cap + band[k]) for k in range(nb)])
     arg = -1
-    best = -1.0
-    for k in range(nb):  # first block with the largest value: the first flat index
-        if mxv[k] > best:
-            best = mxv[k]
-            arg = int(mxi[k])
+    if n and mx.max() > 0.0:
+        k = int(np.argmax(mx))  # first block holding the largest square
+        s = k * _BLOCK
+        v = x[s:min(n, s + _BLOCK)].astype(np.float64)
+        arg = s + int(np.argmax(v * v))
     return _Pass(int(above.sum()), int(band.sum()), int(nz.sum()), float(sqa.sum()),
-                 float(sqt.sum()), arg), band
-
-
-def _pass2(x, b, lo, hi, band_blocks):
-    offsets = np.cumsum(band_blocks) - band_blocks
-    total = int(band_blocks.sum())
-    cd = np.empty(total)
-    ci = np.empty(total, np.int64)
-    if total:
-        kern = _p2_par if x.shape[0] >= PARALLEL_MIN_SIZE else _p2_ser
-        kern(x, float(b), float(lo), float(hi), offsets, cd, ci)
-    return cd, ci
+                 float(sqt.sum()), arg, cd[take], ci[take])
 
 
 # ---------------------------------------------------------------------------
@@ -341,9 +313,9 @@ def prune_to_budget(weights: Mapping, bits, budget_bits, *, min_kept: int = 1,
     dies.
 
     The order is found without sorting all weights: a strided sample of the densities
-    locates a density band around the cut, one parallel pass counts the items above it
-    (writing those masks) and a second copies the band (a few per cent of the weights);
-    only the band is sorted. A band that misses the cut is widened, ending with the full
+    locates a density band around the cut; one parallel pass over each layer writes the
+    masks of the items above the band and copies the band (about one per cent of the
+    weights) into per-block buffers; only the band is sorted. A band that misses the cut is widened, ending with the full
     range, so the answer always equals the full-sort greedy.
 
     Parameters
@@ -397,12 +369,14 @@ def prune_to_budget(weights: Mapping, bits, budget_bits, *, min_kept: int = 1,
     sd = np.concatenate(sd) if sd else np.zeros(0)
     sw = np.concatenate(sw) if sw else np.zeros(0)
     order = np.argsort(-sd, kind="stable")
+    sd_o = sd[order]
     cum = np.cumsum(sw[order])
     total_est = float(cum[-1]) if cum.size else 0.0
     R_est = S - (int(b.sum()) if min_kept else 0)
     ns = max(sd.size, 1)
     p = min(1.0, max(0.0, R_est / total_est)) if total_est > 0 else 1.0
 
+    # 2. one pass per layer: masks above the band, the band's candidates; widen on a miss
     masks = [np.zeros(s, dtype=np.bool_) for s in sizes]
     widen = 1.0
     passes = 0
@@ -413,67 +387,64 @@ def prune_to_budget(weights: Mapping, bits, budget_bits, *, min_kept: int = 1,
             m = widen * (5.0 * math.sqrt(max(ns * p * (1 - p), 1.0)) / ns + margin) * total_est
             i_hi = int(np.searchsorted(cum, R_est - m, side="left")) - 1
             i_lo = int(np.searchsorted(cum, R_est + m, side="right")) + 1
-            hi = math.inf if i_hi < 0 else float(sd[order[i_hi]])
-            lo = 0.0 if i_lo >= sd.size else float(sd[order[i_lo]])
+            hi = math.inf if i_hi < 0 else float(sd_o[i_hi])
+            lo = 0.0 if i_lo >= sd.size else float(sd_o[i_lo])
+        frac = float(np.count_nonzero((sd >= lo) & (sd <= hi) & (sd > 0))) / ns
         passes += 1
         res = []
         for i in range(L):
-            r = _pass1(flats[i], b[i], lo, hi, masks[i])
+            r = _band_pass(flats[i], b[i], lo, hi, masks[i], frac)
             if r is None:
                 raise _bad_weight(names[i], flats[i], shapes[i])
             res.append(r)
         forced = np.full(L, -1, np.int64)
         f_where = np.zeros(L, np.int64)  # +1 above hi, 0 in band, -1 below lo
+        f_sq = np.zeros(L)
         if min_kept:
-            for i, (r, _) in enumerate(res):
-                if r.nz:
+            for i, r in enumerate(res):
+                if r.argmax >= 0:
                     forced[i] = r.argmax
                     v = float(flats[i][r.argmax])
+                    f_sq[i] = v * v
                     d = (v * v) / float(b[i])
                     f_where[i] = 1 if d > hi else (0 if d >= lo else -1)
-        room = S - int(b[forced >= 0].sum())
+        has_f = forced >= 0
+        need = int(b[has_f].sum())
+        room = S - need
         if room < 0:
-            need = int(b[forced >= 0].sum())
             raise ValueError(
                 f"budget_bits={budget_bits!r} is below the smallest feasible budget at these "
-                f"bit-widths: {need} bits (one weight in each of {int((forced >= 0).sum())} "
+                f"bit-widths: {need} bits (one weight in each of {int(has_f.sum())} "
                 f"layers); lower the bits or raise the budget")
-        cost_above = sum(int(b[i]) * (r.above - (1 if f_where[i] == 1 and forced[i] >= 0 else 0))
-                         for i, (r, _) in enumerate(res))
-        cost_band = sum(int(b[i]) * (r.band - (1 if f_where[i] == 0 and forced[i] >= 0 else 0))
-                        for i, (r, _) in enumerate(res))
+        cost_above = sum(int(b[i]) * (r.above - int(has_f[i] and f_where[i] == 1))
+                         for i, r in enumerate(res))
+        cost_band = sum(int(b[i]) * (r.band - int(has_f[i] and f_where[i] == 0))
+                        for i, r in enumerate(res))
         full = lo == 0.0 and math.isinf(hi)
         if full or (cost_above <= room and (cost_above + cost_band > room or lo == 0.0)):
             break
         widen *= 8.0
 
-    # 2. the band, sorted in density order; the greedy on it
-    cds, cis, cls = [], [], []
-    for i in range(L):
-        cd, ci = _pass2(flats[i], b[i], lo, hi, res[i][1])
-        cds.append(cd)
-        cis.append(ci)
-        cls.append(np.full(cd.size, i, np.int64))
-    cd = np.concatenate(cds)
-    ci = np.concatenate(cis)
-    cl = np.concatenate(cls)
+    # 3. the band in density order (ties: earlier layer, earlier index); the greedy on it
+    cd = np.concatenate([r.cd for r in res])
+    ci = np.concatenate([r.ci for r in res])
+    cl = np.concatenate([np.full(r.cd.size, i, np.int64) for i, r in enumerate(res)])
     o = np.lexsort((ci, cl, -cd))
     cd, ci, cl = cd[o], ci[o], cl[o]
-    cost = b[cl]
-    skip = ci == forced[cl]
     take = np.zeros(cd.size, np.bool_)
-    room_left, miss = _greedy_fill(cost, skip, room - cost_above, take)
+    room_left, miss = _greedy_fill(b[cl], ci == forced[cl], room - cost_above, take)
     threshold = float(cd[miss]) if miss >= 0 else 0.0
+    kept_sq = np.array([r.sq_above for r in res])
+    kept_sq += np.where(has_f & (f_where != 1), f_sq, 0.0)
+    chosen = [(cl[take], ci[take])]
     for i in range(L):
-        sel = cl == i
-        masks[i][ci[sel & take]] = True
-        if forced[i] >= 0:
+        if has_f[i]:
             masks[i][forced[i]] = True
 
-    # 3. fill below the band (rare: the leftover budget fits an item of a cheap layer
+    # 4. fill below the band (rare: the leftover budget fits an item of a cheap layer
     #    whose next items all lie below the band)
-    below = np.array([r.nz - r.above - r.band - (1 if f_where[i] == -1 and forced[i] >= 0 else 0)
-                      for i, (r, _) in enumerate(res)])
+    below = np.array([r.nz - r.above - r.band - int(has_f[i] and f_where[i] == -1)
+                      for i, r in enumerate(res)])
     if lo > 0.0 and room_left > 0 and np.any((b <= room_left) & (below > 0)):
         fd, fi, fl = [], [], []
         for i in range(L):
@@ -482,7 +453,7 @@ def prune_to_budget(weights: Mapping, bits, budget_bits, *, min_kept: int = 1,
             v = flats[i].astype(np.float64)
             d = (v * v) / float(b[i])
             idx = np.flatnonzero((d < lo) & (d > 0.0))
-            if forced[i] >= 0:
+            if has_f[i]:
                 idx = idx[idx != forced[i]]
             mtop = min(idx.size, int(room_left // b[i]))
             if mtop == 0:
@@ -501,15 +472,23 @@ def prune_to_budget(weights: Mapping, bits, budget_bits, *, min_kept: int = 1,
             room_left, miss2 = _greedy_fill(b[fl], np.zeros(fd.size, np.bool_), room_left, t2)
             if miss < 0 and miss2 >= 0:
                 threshold = float(fd[miss2])
-            for i in range(L):
-                masks[i][fi[(fl == i) & t2]] = True
+            chosen.append((fl[t2], fi[t2]))
+    for lay, idx in chosen:
+        o = np.argsort(lay, kind="stable")
+        lay, idx = lay[o], idx[o]
+        cuts = np.searchsorted(lay, np.arange(L + 1))
+        for i in range(L):
+            sel = idx[cuts[i]:cuts[i + 1]]
+            if sel.size:
+                masks[i][sel] = True
+                v = flats[i][sel].astype(np.float64)
+                kept_sq[i] += float(np.dot(v, v))
 
-    kept = np.array([int(np.count_nonzero(m)) for m in masks], np.int64)
-    perr = np.empty(L)
-    for i in range(L):
-        v = flats[i].astype(np.float64)
-        perr[i] = float(np.dot(v, v) - np.dot(v[masks[i]], v[masks[i]])) if v.size else 0.0
-        perr[i] = max(perr[i], 0.0)
+    kept = np.array([r.above for r in res], np.int64)
+    kept += np.array([int(has_f[i] and f_where[i] != 1) for i in range(L)], np.int64)
+    for lay, _ in chosen:
+        kept += np.bincount(lay, minlength=L).astype(np.int64)
+    perr = np.maximum(np.array([r.sq_total for r in res]) - kept_sq, 0.0)
     size = int((kept * b).sum())
     if size > S:  # pragma: no cover - guarded by construction
         raise RuntimeError(f"pruning projection exceeded the budget: {size} > {S}")
@@ -1146,14 +1125,44 @@ class Projection:
         return "Projection(\n" + "\n".join(rows) + "\n)"
 
 
-def project(weights: Mapping, budget_bits, *, bits=None, iterations: int = 2,
-            exact_max: int = 2048, max_iter: int = 50, method: str = "auto") -> Projection:
-    """Alternate the pruning and the quantization projections ``iterations`` times.
+def _lagrangian_bits(flats, tau, per_weight, choices):
+    """Per layer, the bit-width minimizing pruning + quantization error + ``tau`` * bits.
 
-    ``bits`` (int / sequence / mapping) are the bit-widths the first pruning uses; default:
-    ``min(8, budget_bits // layers)`` for every layer. Each round prunes with the current
-    bit-widths, then re-chooses them for the new masks; since the old bit-widths remain a
-    feasible choice, the result always fits ``budget_bits``.
+    With the price ``tau`` (error per bit at the knapsack cut), layer ``l`` at ``b`` bits
+    keeps the weights with ``w^2 > tau b + e_l(b)`` (``e_l(b)``: quantization error per kept
+    weight) and costs
+
+    .. math:: L_l(b) = \sum_{\text{pruned}} w^2 + n_l(b) \,(e_l(b) + \tau b).
+    """
+    out = np.empty(len(flats), np.int64)
+    c = np.asarray(choices, np.float64)
+    for i, f in enumerate(flats):
+        v = f.astype(np.float64)
+        sq = np.sort(v * v)
+        pre = np.concatenate([[0.0], np.cumsum(sq)])
+        t = tau * c + per_weight[i]
+        cut = np.searchsorted(sq, t, side="right")
+        nnz = sq.size - cut
+        L = pre[cut] + nnz * (per_weight[i] + tau * c)
+        out[i] = choices[int(np.argmin(L))]
+    return out
+
+
+def project(weights: Mapping, budget_bits, *, bits=None, iterations: int = 3,
+            exact_max: int = 2048, max_iter: int = 50, method: str = "auto") -> Projection:
+    """The joint projection: pruning and quantization projections, bit-widths re-priced.
+
+    Each round prunes with the current bit-widths (:func:`prune_to_budget`, whose cut
+    density ``tau`` is the error a bit buys at the margin) and quantizes the kept weights
+    (:func:`quantize_projection`: codebooks and a multiple-choice knapsack over the bits
+    for these masks). The fixed-mask knapsack alone would never trade bits for weights, so
+    between rounds every layer re-chooses its bit-width by the Lagrangian
+    ``pruning error + quantization error + tau * bits`` (per-weight quantization errors from
+    the k-means table). The round with the smallest total error (pruning + quantization)
+    is returned; every round fits ``budget_bits``.
+
+    ``bits`` (int / sequence / mapping): the bit-widths of the first round; default
+    ``min(8, budget_bits // layers)``.
 
     >>> rng = np.random.default_rng(0)
     >>> w = {"a": rng.laplace(size=(8, 16)), "b": rng.laplace(size=(4, 8))}
@@ -1168,14 +1177,26 @@ def project(weights: Mapping, budget_bits, *, bits=None, iterations: int = 2,
         cur = np.full(len(names), b0, np.int64)
     else:
         cur = _per_layer_int(bits, names, "bits", 1, 8)
-    if iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
     ws = {n: f.reshape(s) for n, f, s in zip(names, flats, shapes)}
-    for _ in range(iterations):
+    best = None
+    seen = set()
+    for it in range(iterations):
+        key = tuple(int(x) for x in cur)
+        if key in seen:
+            break
+        seen.add(key)
         pr = prune_to_budget(ws, cur, S)
         q = quantize_projection(ws, pr.masks, S, exact_max=exact_max, max_iter=max_iter,
                                 method=method)
-        cur = q.bits
+        total = float(pr.pruning_error.sum()) + q.choice.error
+        if best is None or total < best[0]:
+            best = (total, pr, q)
+        if it + 1 < iterations:
+            per_weight = q.errors / np.maximum(q.kept, 1)[:, None]
+            cur = _lagrangian_bits(flats, pr.threshold, per_weight, q.bits_choices)
+    _, pr, q = best
     return Projection(tuple(names), pr.masks, q.codebooks,
                       {n: int(q.bits[i]) for i, n in enumerate(names)},
                       {n: int(q.kept[i]) for i, n in enumerate(names)}, S, q.errors, pr, q)
