@@ -168,6 +168,7 @@ class CompressedFile:
     file_bytes : size of the file.
     other_bytes : bytes of the other tensors (data + their header entries).
     metadata : the user's metadata (str -> str).
+    other_names : names of the other tensors.
     """
 
     path: str
@@ -181,6 +182,7 @@ class CompressedFile:
     file_bytes: int
     other_bytes: int
     metadata: dict = field(default_factory=dict)
+    other_names: tuple = ()
 
     @property
     def n(self) -> int:
@@ -220,7 +222,7 @@ class CompressedFile:
                 "sparsity": 1.0 - self.kept / self.n if self.n else 0.0,
                 "paper_rate": _finite(self.paper_rate),
                 "storage_rate": _finite(self.storage_rate),
-                "other_tensors": sorted(self.other) if self.other else None,
+                "other_tensors": list(self.other_names),
                 "metadata": dict(self.metadata),
                 "layers": [r.to_dict() for r in self.layers]}
 
@@ -768,7 +770,8 @@ def write_opq(path, plan, weights: Mapping | None = None, *, codes: Mapping | No
     records = _records(plan, infos, header, file_bytes, other_bytes, desc)
     return CompressedFile(path=str(path), version=FORMAT_VERSION, layout=layout, plan=plan,
                           weights={}, masks={}, other={}, layers=records,
-                          file_bytes=file_bytes, other_bytes=other_bytes, metadata=meta)
+                          file_bytes=file_bytes, other_bytes=other_bytes, metadata=meta,
+                          other_names=tuple(other))
 
 
 def _version_of(mod: str) -> str:
@@ -965,6 +968,7 @@ def read_opq(path, *, decode: bool = True, progress: bool = False) -> Compressed
         return CompressedFile(path=str(path), version=version, layout=layout, plan=plan,
                               weights=weights, masks=masks, other=other, layers=records,
                               file_bytes=size, other_bytes=other_bytes,
-                              metadata=dict(desc.get("metadata") or {}))
+                              metadata=dict(desc.get("metadata") or {}),
+                              other_names=tuple(desc["other"]))
     finally:
         mm.close()

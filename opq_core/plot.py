@@ -1,0 +1,92 @@
+"""Per-layer charts of a plan or a ``.opq`` file (PNG; matplotlib is an optional extra)."""
+from __future__ import annotations
+
+import io as _io
+import math
+
+import numpy as np
+
+__all__ = ["plot_plan", "plot_file"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install matplotlib "
+                          "(or pip install 'opq[plot]')") from None
+    return plt
+
+
+def _save(fig, path, plt):
+    from .io import atomic_write
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    data = buf.getvalue()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _axes(plt, nrows, nlayers):
+    width = min(24.0, max(6.0, 0.22 * nlayers + 2.0))
+    fig, axes = plt.subplots(nrows, 1, figsize=(width, 2.2 * nrows + 1.0), sharex=True)
+    return fig, np.atleast_1d(axes)
+
+
+def _names(ax, names):
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+
+
+def plot_plan(plan, path) -> None:
+    """Bar charts per layer: sparsity (realized and Laplace-predicted), bits, predicted
+    error, written to ``path`` (PNG)."""
+    plt = _pyplot()
+    names = plan.names
+    x = np.arange(len(names))
+    fig, (a, b, c) = _axes(plt, 3, len(names))
+    a.bar(x - 0.2, [lp.sparsity for lp in plan.layers], 0.4, label="realized")
+    a.bar(x + 0.2, [lp.predicted_sparsity for lp in plan.layers], 0.4, label="predicted")
+    a.set_ylabel("sparsity")
+    a.set_ylim(0, 1)
+    a.legend(fontsize=7)
+    a.set_title(f"{plan.method}: sparsity {plan.sparsity:.3f}, "
+                f"paper_rate {plan.paper_rate:.1f}x")
+    b.bar(x, [lp.bits for lp in plan.layers], color="tab:green")
+    b.set_ylabel("bits")
+    err = [max(lp.predicted_error, 1e-30) for lp in plan.layers]
+    c.bar(x, err, color="tab:red")
+    c.set_yscale("log")
+    c.set_ylabel("predicted error")
+    _names(c, names)
+    _save(fig, path, plt)
+
+
+def plot_file(cf, path) -> None:
+    """Bar charts per layer of a written file: sparsity, bits, paper_rate and
+    storage_rate, written to ``path`` (PNG)."""
+    plt = _pyplot()
+    recs = cf.layers
+    names = [r.name for r in recs]
+    x = np.arange(len(names))
+    fig, (a, b, c) = _axes(plt, 3, len(names))
+    a.bar(x, [r.sparsity for r in recs])
+    a.set_ylabel("sparsity")
+    a.set_ylim(0, 1)
+    a.set_title(f"{cf.layout} layout: paper_rate {cf.paper_rate:.1f}x, "
+                f"storage_rate {cf.storage_rate:.1f}x")
+    b.bar(x, [r.bits for r in recs], color="tab:green")
+    b.set_ylabel("bits")
+
+    def fin(v):
+        return v if math.isfinite(v) else np.nan
+
+    c.bar(x - 0.2, [fin(r.paper_rate) for r in recs], 0.4, label="paper_rate")
+    c.bar(x + 0.2, [fin(r.storage_rate) for r in recs], 0.4, label="storage_rate")
+    c.set_yscale("log")
+    c.set_ylabel("rate (x)")
+    c.legend(fontsize=7)
+    _names(c, names)
+    _save(fig, path, plt)
