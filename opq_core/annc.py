@@ -1126,7 +1126,7 @@ class Projection:
 
 
 def _lagrangian_bits(flats, tau, per_weight, choices):
-    """Per layer, the bit-width minimizing pruning + quantization error + ``tau`` * bits.
+    r"""Per layer, the bit-width minimizing pruning + quantization error + ``tau`` * bits.
 
     With the price ``tau`` (error per bit at the knapsack cut), layer ``l`` at ``b`` bits
     keeps the weights with ``w^2 > tau b + e_l(b)`` (``e_l(b)``: quantization error per kept
