@@ -111,7 +111,11 @@ def _check_budget(budget_bits):
 
 
 def _bad_weight(name, flat, shape, argument="weights"):
-    i = int(np.flatnonzero(~np.isfinite(flat.astype(np.float64) ** 2))[0])
+    bad = np.flatnonzero(~np.isfinite(flat.astype(np.float64) ** 2))
+    if bad.size == 0:
+        return ValueError(f"{argument}[{name!r}]: the sum of the squared weights overflows "
+                          f"float64 (weights too large)")
+    i = int(bad[0])
     idx = tuple(int(k) for k in np.unravel_index(i, shape)) if shape else ()
     return ValueError(f"{argument}[{name!r}]: weight {flat[i]!r} at index {idx} is not finite "
                       f"(or its square overflows)")
@@ -122,56 +126,85 @@ def _bad_weight(name, flat, shape, argument="weights"):
 # ---------------------------------------------------------------------------
 
 @jit()
-def _band_block(x, b, lo, hi, mask, s, e, cd, ci, base, cap):
-    # density d = w^2 / b; mask = d > hi; the band lo <= d <= hi (d > 0) is copied into
-    # cd/ci[base : base + cap] (counted beyond cap: the caller retries with more room)
+def _band_block(x, b, t_hi, t_lo, mask, s, e, cd, ci, base, cap):
+    # density d = w^2 / b; mask = d > hi  <=>  w^2 > t_hi; the band lo <= d <= hi (d > 0)
+    # <=> t_lo <= w^2 <= t_hi is copied into cd/ci[base : base + cap] (counted beyond cap:
+    # the caller retries with more room). The division happens only in the band.
+    # (a NaN or an infinite square makes sqt non-finite: the caller refuses the layer)
     above = 0
     band = 0
-    nz = 0
-    ok = 0
     sqa = 0.0
     sqt = 0.0
     mx = 0.0
     for j in range(s, e):
         v = np.float64(x[j])
         sq = v * v
-        fin = sq < np.inf
-        ok += 1 if fin else 0
-        sq = sq if fin else 0.0
-        d = sq / b
-        a = d > hi
+        a = sq > t_hi
         mask[j] = a
         above += 1 if a else 0
         sqa += sq if a else 0.0
         sqt += sq
-        nz += 1 if sq > 0.0 else 0
         mx = max(mx, sq)
-        if d >= lo and d <= hi and d > 0.0:
+        inb = (sq >= t_lo) & (sq > 0.0) & (not a)
+        if inb:
             if band < cap:
-                cd[base + band] = d
+                cd[base + band] = sq / b
                 ci[base + band] = j
             band += 1
-    return above, band, nz, (e - s) - ok, sqa, sqt, mx
+    return above, band, sqa, sqt, mx
+
+
+def _sq_cuts(b, lo, hi):
+    """Thresholds on ``w^2`` equivalent to the density tests ``w^2 / b > hi`` and
+    ``w^2 / b >= lo`` (the rounded division is monotone in ``w^2``)."""
+    b = float(b)
+    if math.isinf(hi):
+        t_hi = math.inf
+    else:
+        t = hi * b  # largest t with fl(t / b) <= hi
+        while t / b > hi:
+            t = float(np.nextafter(t, -math.inf))
+        while True:
+            u = float(np.nextafter(t, math.inf))
+            if u / b <= hi:
+                t = u
+            else:
+                break
+        t_hi = t
+    if lo <= 0.0:
+        t_lo = 0.0
+    else:
+        t = lo * b  # smallest t with fl(t / b) >= lo
+        while t / b < lo:
+            t = float(np.nextafter(t, math.inf))
+        while True:
+            u = float(np.nextafter(t, -math.inf))
+            if u / b >= lo:
+                t = u
+            else:
+                break
+        t_lo = t
+    return t_hi, t_lo
 
 
 @jit(parallel=True)
-def _band_par(x, b, lo, hi, mask, cd, ci, cap, above, band, nz, bad, sqa, sqt, mx):
+def _band_par(x, b, t_hi, t_lo, mask, cd, ci, cap, above, band, sqa, sqt, mx):
     n = x.shape[0]
     for k in prange(above.shape[0]):
         s = k * _BLOCK
         e = min(n, s + _BLOCK)
-        (above[k], band[k], nz[k], bad[k], sqa[k], sqt[k],
-         mx[k]) = _band_block(x, b, lo, hi, mask, s, e, cd, ci, k * cap, cap)
+        above[k], band[k], sqa[k], sqt[k], mx[k] = _band_block(
+            x, b, t_hi, t_lo, mask, s, e, cd, ci, k * cap, cap)
 
 
 @jit()
-def _band_ser(x, b, lo, hi, mask, cd, ci, cap, above, band, nz, bad, sqa, sqt, mx):
+def _band_ser(x, b, t_hi, t_lo, mask, cd, ci, cap, above, band, sqa, sqt, mx):
     n = x.shape[0]
     for k in range(above.shape[0]):
         s = k * _BLOCK
         e = min(n, s + _BLOCK)
-        (above[k], band[k], nz[k], bad[k], sqa[k], sqt[k],
-         mx[k]) = _band_block(x, b, lo, hi, mask, s, e, cd, ci, k * cap, cap)
+        above[k], band[k], sqa[k], sqt[k], mx[k] = _band_block(
+            x, b, t_hi, t_lo, mask, s, e, cd, ci, k * cap, cap)
 
 
 @jit()
@@ -194,7 +227,6 @@ def _greedy_fill(cost, skip, room, take):
 class _Pass:
     above: int
     band: int
-    nz: int
     sq_above: float
     sq_total: float
     argmax: int
@@ -211,19 +243,17 @@ def _band_pass(x, b, lo, hi, mask, frac):
     cap = int(min(blk, math.ceil(3.0 * frac * blk) + 256))
     above = np.zeros(nb, np.int64)
     band = np.zeros(nb, np.int64)
-    nz = np.zeros(nb, np.int64)
-    bad = np.zeros(nb, np.int64)
     sqa = np.zeros(nb)
     sqt = np.zeros(nb)
     mx = np.zeros(nb)
     kern = _band_par if n >= PARALLEL_MIN_SIZE else _band_ser
+    t_hi, t_lo = _sq_cuts(b, lo, hi)
     while True:
         cd = np.empty(nb * cap)
         ci = np.empty(nb * cap, np.int64)
         if n:
-            kern(x, float(b), float(lo), float(hi), mask, cd, ci, cap, above, band, nz, bad,
-                 sqa, sqt, mx)
-        if bad.any():
+            kern(x, float(b), t_hi, t_lo, mask, cd, ci, cap, above, band, sqa, sqt, mx)
+        if not np.all(np.isfinite(sqt)):
             return None
         if int(band.max()) <= cap:
             break
@@ -235,7 +265,7 @@ def _band_pass(x, b, lo, hi, mask, frac):
         s = k * _BLOCK
         v = x[s:min(n, s + _BLOCK)].astype(np.float64)
         arg = s + int(np.argmax(v * v))
-    return _Pass(int(above.sum()), int(band.sum()), int(nz.sum()), float(sqa.sum()),
+    return _Pass(int(above.sum()), int(band.sum()), float(sqa.sum()),
                  float(sqt.sum()), arg, cd[take], ci[take])
 
 
@@ -443,7 +473,8 @@ def prune_to_budget(weights: Mapping, bits, budget_bits, *, min_kept: int = 1,
 
     # 4. fill below the band (rare: the leftover budget fits an item of a cheap layer
     #    whose next items all lie below the band)
-    below = np.array([r.nz - r.above - r.band - int(has_f[i] and f_where[i] == -1)
+    # items below the band (zeros included: the fill below skips them)
+    below = np.array([sizes[i] - r.above - r.band - int(has_f[i] and f_where[i] == -1)
                       for i, r in enumerate(res)])
     if lo > 0.0 and room_left > 0 and np.any((b <= room_left) & (below > 0)):
         fd, fi, fl = [], [], []
