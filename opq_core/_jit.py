@@ -1,18 +1,38 @@
 """The one place that configures Numba for opq.
 
 - ``fastmath`` stays off everywhere a value is rounded (an FMA can flip a .5 rounding).
-- ``parallel`` kernels use ``prange`` only over independent rows (output channels).
-- On-disk caching of compiled kernels is opt-in: set ``OPQ_NUMBA_CACHE=1``.
+- ``parallel`` kernels use ``prange`` only over independent rows (output channels) or
+  fixed-size blocks of a flat array.
 - ``NUMBA_DISABLE_JIT=1`` runs every kernel as plain Python (the test-suite does both).
+
+Compile time and the on-disk cache
+----------------------------------
+Each kernel compiles on its first call with a new argument type (dtype, code dtype,
+serial or parallel variant): about 0.5-3 s each, some 30-40 s of CPU for every variant the
+test-suite touches. :func:`compile_timer` measures it apart from the run time
+(``benchmarks/bench_kernels.py`` reports it per kernel).
+
+Set ``OPQ_NUMBA_CACHE=1`` to keep compiled kernels on disk between processes (Numba's
+``cache=True``); they go to ``__pycache__`` next to the sources, or under
+``NUMBA_CACHE_DIR`` when that is set (use it when the package folder is read-only). A
+process that finds them loads a kernel in milliseconds instead of compiling it. The cache
+is off by default because a stale or shared cache folder is a classic source of confusion.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
 
 import numba
 
-CACHE = os.environ.get("OPQ_NUMBA_CACHE", "0").strip().lower() not in ("", "0", "false", "no")
-JIT_DISABLED = bool(int(os.environ.get("NUMBA_DISABLE_JIT", "0") or "0"))
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+CACHE = _env_flag("OPQ_NUMBA_CACHE")
+JIT_DISABLED = _env_flag("NUMBA_DISABLE_JIT")
 
 #: Tensors with fewer elements than this use the serial kernels.
 PARALLEL_MIN_SIZE = 1 << 16
@@ -21,7 +41,7 @@ prange = numba.prange
 
 
 def jit(*, parallel: bool = False, fastmath: bool = False):
-    """Decorator: ``numba.njit`` with the project's settings."""
+    """Decorator: ``numba.njit`` with the project's settings (cache opt-in, nogil)."""
     return numba.njit(cache=CACHE, parallel=parallel, fastmath=fastmath, nogil=True)
 
 
@@ -37,3 +57,56 @@ def threading_layer_is_safe() -> bool:
     except ValueError:
         return False
     return layer in ("tbb", "omp")
+
+
+@dataclass(frozen=True)
+class CompileRecord:
+    """One compilation: the kernel's name, its argument types, and seconds spent on it
+    (``seconds`` excludes kernels it called that compiled meanwhile, ``inclusive`` not)."""
+
+    name: str
+    signature: str
+    seconds: float
+    inclusive: float
+
+    def __repr__(self):
+        return f"CompileRecord({self.name}, {self.seconds:.3f} s, inclusive {self.inclusive:.3f} s)"
+
+
+@contextlib.contextmanager
+def compile_timer():
+    """Record every Numba compilation inside the ``with`` block.
+
+    Yields a list that is filled with :class:`CompileRecord` on exit (empty when the
+    kernels came from the disk cache or the JIT is disabled).
+
+    >>> with compile_timer() as log:
+    ...     pass
+    >>> log
+    []
+    """
+    from numba.core import event
+
+    records: list = []
+    with event.install_recorder("numba:compile") as rec:
+        yield records
+    stack = []
+    for ts, ev in rec.buffer:
+        if ev.is_start:
+            stack.append([ts, 0.0])
+            continue
+        t0, child = stack.pop()
+        dur = ts - t0
+        if stack:
+            stack[-1][1] += dur
+        disp = ev.data.get("dispatcher")
+        name = getattr(getattr(disp, "py_func", None), "__name__", str(disp))
+        records.append(CompileRecord(name, str(ev.data.get("args")), dur - child, dur))
+
+
+def compile_seconds(records) -> dict:
+    """Exclusive compile seconds per kernel name, summed over signatures, largest first."""
+    tot: dict = {}
+    for r in records:
+        tot[r.name] = tot.get(r.name, 0.0) + r.seconds
+    return dict(sorted(tot.items(), key=lambda kv: -kv[1]))

@@ -537,12 +537,17 @@ def dequantize(codes, scale, threshold, step, bits, grid="offset", dtype=np.floa
 
 @jit()
 def _ste_block(g, m, cl, o, lo, hi, use_clip):
+    # slice first: loops over 0..len vectorize, loops over lo..hi of the whole array do not
+    gg = g[lo:hi]
+    mm = m[lo:hi]
+    oo = o[lo:hi]
     if use_clip:
-        for j in range(lo, hi):
-            o[j] = g[j] if (m[j] and not cl[j]) else 0.0
+        cc = cl[lo:hi]
+        for j in range(gg.shape[0]):
+            oo[j] = gg[j] if (mm[j] and not cc[j]) else 0.0
     else:
-        for j in range(lo, hi):
-            o[j] = g[j] if m[j] else 0.0
+        for j in range(gg.shape[0]):
+            oo[j] = gg[j] if mm[j] else 0.0
 
 
 @jit()
@@ -715,9 +720,11 @@ def _mfs_block(s, m, lam, lo, hi):
     gt = 0
     eq = 0
     nan = 0
-    for j in range(lo, hi):
-        v = s[j]
-        m[j] = v > lam
+    ss = s[lo:hi]
+    mm = m[lo:hi]
+    for j in range(ss.shape[0]):
+        v = ss[j]
+        mm[j] = v > lam
         gt += 1 if v > lam else 0
         eq += 1 if v == lam else 0
         nan += 1 if v != v else 0
@@ -826,8 +833,9 @@ def _band_block(x, lo_v, hi_v, lo, hi):
     below = 0
     band = 0
     nan = 0
-    for j in range(lo, hi):
-        v = x[j]
+    xx = x[lo:hi]
+    for j in range(xx.shape[0]):
+        v = xx[j]
         below += 1 if v < lo_v else 0
         band += 1 if (v >= lo_v and v <= hi_v) else 0
         nan += 1 if v != v else 0
@@ -854,8 +862,9 @@ def _band_count(x, lo_v, hi_v, below, band, nan):
 
 @jit()
 def _band_collect_block(x, lo_v, hi_v, cand, at, lo, hi):
-    for j in range(lo, hi):
-        v = x[j]
+    xx = x[lo:hi]
+    for j in range(xx.shape[0]):
+        v = xx[j]
         if v >= lo_v and v <= hi_v:
             cand[at] = v
             at += 1
@@ -1051,11 +1060,13 @@ def mask_from_threshold(w, threshold, *, layer=None):
 @jit()
 def _c2s_block(cd, sym, lo, hi, kbits, kmax):
     bad = 0
-    for j in range(lo, hi):
-        ci = np.int64(cd[j])
+    cc = cd[lo:hi]
+    ss = sym[lo:hi]
+    for j in range(cc.shape[0]):
+        ci = np.int64(cc[j])
         k = abs(ci)
         neg = 1 if ci < 0 else 0
-        sym[j] = ((k - 1) | (neg << kbits)) & 0xFF
+        ss[j] = ((k - 1) | (neg << kbits)) & 0xFF
         bad += 1 if (k == 0 or k > kmax) else 0
     return bad
 
@@ -1069,10 +1080,12 @@ def _codes_to_symbols(cd, sym, kbits, kmax):
 def _s2c_block(sym, cd, lo, hi, kbits):
     bad = 0
     kmask = (1 << kbits) - 1
-    for j in range(lo, hi):
-        sv = np.int64(sym[j])
+    ss = sym[lo:hi]
+    cc = cd[lo:hi]
+    for j in range(ss.shape[0]):
+        sv = np.int64(ss[j])
         k = (sv & kmask) + 1
-        cd[j] = -k if (sv >> kbits) & 1 else k
+        cc[j] = -k if (sv >> kbits) & 1 else k
         bad += 1 if (sv >> (kbits + 1)) != 0 else 0
     return bad
 
@@ -1144,24 +1157,44 @@ def _pack_group(sym, out, g, cnt, bits):
 def _pack_bits(sym, out, bits):
     n = sym.shape[0]
     ng = n // 8
-    bad = 0
-    for g in range(ng):
-        bad += _pack_group(sym, out, g, 8, bits)
+    bad = _pack_groups(sym, out, 0, ng, bits)
     if n - 8 * ng:
         bad += _pack_group(sym, out, ng, n - 8 * ng, bits)
+    return bad
+
+
+@jit()
+def _pack_groups(sym, out, g0, g1, bits):
+    """Full groups g0..g1-1 (8 symbols -> ``bits`` bytes); returns the bad-symbol count."""
+    ss = sym[8 * g0:8 * g1]
+    oo = out[bits * g0:bits * g1]
+    bad = 0
+    for g in range(g1 - g0):
+        acc = 0
+        hi = 0
+        for i in range(8):
+            sv = np.int64(ss[8 * g + i])
+            hi |= sv
+            acc |= sv << (bits * i)
+        bad += 1 if (hi >> bits) != 0 else 0
+        for b in range(bits):
+            oo[bits * g + b] = (acc >> (8 * b)) & 0xFF
     return bad
 
 
 @jit(parallel=True)
 def _pack_bits_par(sym, out, bits):
+    # prange over blocks of groups (a prange over every group with a reduction is slow)
     n = sym.shape[0]
     ng = n // 8
-    bad = 0
-    for g in prange(ng):
-        bad += _pack_group(sym, out, g, 8, bits)
+    nb = (ng + _BLOCK - 1) // _BLOCK
+    bads = np.zeros(nb + 1, np.int64)
+    for b in prange(nb):
+        g0 = b * _BLOCK
+        bads[b] = _pack_groups(sym, out, g0, min(g0 + _BLOCK, ng), bits)
     if n - 8 * ng:
-        bad += _pack_group(sym, out, ng, n - 8 * ng, bits)
-    return bad
+        bads[nb] = _pack_group(sym, out, ng, n - 8 * ng, bits)
+    return bads.sum()
 
 
 @jit()
@@ -1181,18 +1214,32 @@ def _unpack_group(buf, out, g, cnt, bits):
 def _unpack_bits(buf, out, bits):
     n = out.shape[0]
     ng = n // 8
-    for g in range(ng):
-        _unpack_group(buf, out, g, 8, bits)
+    _unpack_groups(buf, out, 0, ng, bits)
     if n - 8 * ng:
         _unpack_group(buf, out, ng, n - 8 * ng, bits)
+
+
+@jit()
+def _unpack_groups(buf, out, g0, g1, bits):
+    bb = buf[bits * g0:bits * g1]
+    oo = out[8 * g0:8 * g1]
+    msk = (1 << bits) - 1
+    for g in range(g1 - g0):
+        acc = 0
+        for b in range(bits):
+            acc |= np.int64(bb[bits * g + b]) << (8 * b)
+        for i in range(8):
+            oo[8 * g + i] = (acc >> (bits * i)) & msk
 
 
 @jit(parallel=True)
 def _unpack_bits_par(buf, out, bits):
     n = out.shape[0]
     ng = n // 8
-    for g in prange(ng):
-        _unpack_group(buf, out, g, 8, bits)
+    nb = (ng + _BLOCK - 1) // _BLOCK
+    for b in prange(nb):
+        g0 = b * _BLOCK
+        _unpack_groups(buf, out, g0, min(g0 + _BLOCK, ng), bits)
     if n - 8 * ng:
         _unpack_group(buf, out, ng, n - 8 * ng, bits)
 
@@ -1255,17 +1302,20 @@ def unpack_bits(buf, bits, count):
 
 @jit()
 def _pack_mask_bytes(m, out, lo, hi):
-    n = m.shape[0]
-    for i in range(lo, hi):
+    mm = m[8 * lo:min(8 * hi, m.shape[0])]
+    oo = out[lo:hi]
+    n = mm.shape[0]
+    full = n // 8
+    for i in range(full):
         acc = 0
-        base = 8 * i
-        if base + 8 <= n:
-            for t in range(8):
-                acc |= (1 if m[base + t] else 0) << t
-        else:
-            for t in range(n - base):
-                acc |= (1 if m[base + t] else 0) << t
-        out[i] = acc
+        for t in range(8):
+            acc |= (1 if mm[8 * i + t] else 0) << t
+        oo[i] = acc
+    if full < oo.shape[0]:
+        acc = 0
+        for t in range(n - 8 * full):
+            acc |= (1 if mm[8 * full + t] else 0) << t
+        oo[full] = acc
 
 
 @jit()
@@ -1284,16 +1334,18 @@ def _pack_mask_par(m, out):
 
 @jit()
 def _unpack_mask_bytes(buf, m, lo, hi):
-    n = m.shape[0]
-    for i in range(lo, hi):
-        v = np.int64(buf[i])
-        base = 8 * i
-        if base + 8 <= n:
-            for t in range(8):
-                m[base + t] = (v >> t) & 1 != 0
-        else:
-            for t in range(n - base):
-                m[base + t] = (v >> t) & 1 != 0
+    bb = buf[lo:hi]
+    mm = m[8 * lo:min(8 * hi, m.shape[0])]
+    n = mm.shape[0]
+    full = n // 8
+    for i in range(full):
+        v = np.int64(bb[i])
+        for t in range(8):
+            mm[8 * i + t] = (v >> t) & 1 != 0
+    if full < bb.shape[0]:
+        v = np.int64(bb[full])
+        for t in range(n - 8 * full):
+            mm[8 * full + t] = (v >> t) & 1 != 0
 
 
 @jit()
@@ -1362,16 +1414,17 @@ def _gap_scan_block(m, lo, hi, first, last, cnt, nbytes, b):
     p = -1
     c = 0
     nby = 0
-    for j in range(lo, hi):
-        if m[j]:
+    mm = m[lo:hi]
+    for j in range(mm.shape[0]):
+        if mm[j]:
             if p >= 0:
                 nby += _varint_len(j - p - 1)
             else:
                 f = j
             p = j
             c += 1
-    first[b] = f
-    last[b] = p
+    first[b] = f + lo if f >= 0 else -1
+    last[b] = p + lo if p >= 0 else -1
     cnt[b] = c
     nbytes[b] = nby
 
@@ -1425,8 +1478,9 @@ def _gap_write_block(m, lo, hi, lead, at, out):
     if lead < 0:
         return
     p = -1
-    for j in range(lo, hi):
-        if m[j]:
+    mm = m[lo:hi]
+    for j in range(mm.shape[0]):
+        if mm[j]:
             if p < 0:
                 at = _put_varint(out, at, lead)
             else:
@@ -1584,10 +1638,12 @@ def _kept_block(cd, m, lo, hi, kmax):
     (or a code is out of range)."""
     c = 0
     bad = 0
-    for j in range(lo, hi):
-        ci = np.int64(cd[j])
+    cc = cd[lo:hi]
+    mm = m[lo:hi]
+    for j in range(cc.shape[0]):
+        ci = np.int64(cc[j])
         k = abs(ci)
-        keep = m[j]
+        keep = mm[j]
         c += 1 if keep else 0
         bad += 1 if (keep != (ci != 0) or k > kmax) else 0
     return c, bad
@@ -1612,8 +1668,9 @@ def _kept_count_par(cd, m, kmax, cnt, bad):
 @jit()
 def _count_block(m, lo, hi):
     c = 0
-    for j in range(lo, hi):
-        c += 1 if m[j] else 0
+    mm = m[lo:hi]
+    for j in range(mm.shape[0]):
+        c += 1 if mm[j] else 0
     return c
 
 
@@ -1634,58 +1691,86 @@ def _mask_count_par(m, cnt):
 
 
 @jit()
-def _compact_block(cd, m, sym, lo, hi, at, kbits):
-    for j in range(lo, hi):
-        if m[j]:
-            ci = np.int64(cd[j])
-            neg = 1 if ci < 0 else 0
-            sym[at] = ((abs(ci) - 1) | (neg << kbits)) & 0xFF
-            at += 1
+def _compact_block(cd, m, lo, hi, at, cnt, kbits, sym):
+    """Symbols of the ``cnt`` kept codes of elements [lo, hi) into ``sym[at:at + cnt]``.
+
+    Branch-free: every element's symbol is stored at the running position, which only
+    advances on kept ones; the loop stops at the block's last kept element, so no store
+    leaves the block's own range. ``m`` is the mask viewed as uint8: on a bool array LLVM
+    knows the values are 0/1 and turns the arithmetic back into (mispredicted) branches.
+    """
+    cc = cd[lo:hi]
+    mm = m[lo:hi]
+    ss = sym[at:at + cnt]
+    last = cc.shape[0] - 1
+    while last >= 0 and mm[last] == 0:
+        last -= 1
+    k = 0
+    for j in range(last + 1):
+        ci = np.int64(cc[j])
+        ss[k] = ((abs(ci) - 1) | ((1 if ci < 0 else 0) << kbits)) & 0xFF
+        k += np.int64(mm[j])
 
 
 @jit()
-def _compact(cd, m, sym, offsets, kbits):
+def _compact(cd, m, offsets, cnt, kbits, sym):
     n = m.shape[0]
     for b in range(offsets.shape[0]):
         lo = b * _BLOCK
-        _compact_block(cd, m, sym, lo, min(lo + _BLOCK, n), offsets[b], kbits)
+        _compact_block(cd, m, lo, min(lo + _BLOCK, n), offsets[b], cnt[b], kbits, sym)
 
 
 @jit(parallel=True)
-def _compact_par(cd, m, sym, offsets, kbits):
+def _compact_par(cd, m, offsets, cnt, kbits, sym):
     n = m.shape[0]
     for b in prange(offsets.shape[0]):
         lo = b * _BLOCK
-        _compact_block(cd, m, sym, lo, min(lo + _BLOCK, n), offsets[b], kbits)
+        _compact_block(cd, m, lo, min(lo + _BLOCK, n), offsets[b], cnt[b], kbits, sym)
 
 
 @jit()
-def _scatter_block(sym, m, cd, lo, hi, at, kbits):
-    kmask = (1 << kbits) - 1
-    for j in range(lo, hi):
-        if m[j]:
-            sv = np.int64(sym[at])
-            k = (sv & kmask) + 1
-            cd[j] = -k if (sv >> kbits) & 1 else k
-            at += 1
-        else:
-            cd[j] = 0
+def _scatter_block(sym, m, cd, lo, hi, at, lut):
+    """Codes of elements [lo, hi): ``lut[sym[at]]`` for the next symbol where the mask is
+    True, 0 elsewhere. Branch-free (``m`` viewed as uint8, see :func:`_compact_block`);
+    ``sym`` has one spare entry for the read after the last kept code."""
+    mm = m[lo:hi]
+    cc = cd[lo:hi]
+    k = at
+    for j in range(mm.shape[0]):
+        kp = np.int64(mm[j])
+        cc[j] = lut[sym[k]] * kp
+        k += kp
 
 
 @jit()
-def _scatter(sym, m, cd, offsets, kbits):
+def _scatter(sym, m, cd, offsets, lut):
     n = m.shape[0]
     for b in range(offsets.shape[0]):
         lo = b * _BLOCK
-        _scatter_block(sym, m, cd, lo, min(lo + _BLOCK, n), offsets[b], kbits)
+        _scatter_block(sym, m, cd, lo, min(lo + _BLOCK, n), offsets[b], lut)
 
 
 @jit(parallel=True)
-def _scatter_par(sym, m, cd, offsets, kbits):
+def _scatter_par(sym, m, cd, offsets, lut):
     n = m.shape[0]
     for b in prange(offsets.shape[0]):
         lo = b * _BLOCK
-        _scatter_block(sym, m, cd, lo, min(lo + _BLOCK, n), offsets[b], kbits)
+        _scatter_block(sym, m, cd, lo, min(lo + _BLOCK, n), offsets[b], lut)
+
+
+_LUT_CACHE = {}
+
+
+def _symbol_lut(bits):
+    """int64 table: symbol (0..255) -> code, for ``bits``."""
+    lut = _LUT_CACHE.get(bits)
+    if lut is None:
+        sym = np.arange(256, dtype=np.int64)
+        kb = bits - 1
+        k = (sym & ((1 << kb) - 1)) + 1
+        lut = np.where((sym >> kb) & 1, -k, k)
+        _LUT_CACHE[bits] = lut
+    return lut
 
 
 def pack_codes(codes, mask, bits, *, layer=None):
@@ -1721,7 +1806,7 @@ def pack_codes(codes, mask, bits, *, layer=None):
     offsets = np.cumsum(cnt) - cnt
     n_kept = int(cnt.sum())
     sym = np.empty(n_kept, dtype=np.uint8)
-    (_compact_par if par else _compact)(cf, mf, sym, offsets, b - 1)
+    (_compact_par if par else _compact)(cf, mf.view(np.uint8), offsets, cnt, b - 1, sym)
     out = np.empty(_packed_len(n_kept, b), dtype=np.uint8)
     (_pack_bits_par if _use_parallel(n_kept) else _pack_bits)(sym, out, b)
     return out
@@ -1751,9 +1836,10 @@ def unpack_codes(buf, mask, bits, *, layer=None):
     if bb.size != need:
         raise ValueError(f"{fn}: buf has {bb.size} bytes, {n_kept} kept codes of {b} bits "
                          f"need exactly {need}")
-    sym = np.empty(n_kept, dtype=np.uint8)
-    (_unpack_bits_par if _use_parallel(n_kept) else _unpack_bits)(bb, sym, b)
     offsets = np.cumsum(cnt) - cnt
+    sym = np.empty(n_kept + 1, dtype=np.uint8)
+    sym[n_kept] = 0
+    (_unpack_bits_par if _use_parallel(n_kept) else _unpack_bits)(bb, sym[:n_kept], b)
     cd = np.empty(n, dtype=code_dtype(b))
-    (_scatter_par if par else _scatter)(sym, mf, cd, offsets, b - 1)
+    (_scatter_par if par else _scatter)(sym, mf.view(np.uint8), cd, offsets, _symbol_lut(b))
     return cd.reshape(m.shape)

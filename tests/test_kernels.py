@@ -522,3 +522,45 @@ def test_other_bad_input():
 def test_doctests():
     res = doctest.testmod(K, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert res.attempted > 15 and res.failed == 0
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_codes_blocks_unaligned_and_empty(bits):
+    """Blocks starting at any bit offset, an all-pruned block, a block with one kept code."""
+    if S.JIT_DISABLED and bits not in (3, 8):
+        pytest.skip("plain-Python run: two bit widths suffice")
+    n = 4 * K._BLOCK + 77
+    rng = np.random.default_rng(bits)
+    m = rng.random(n) < 0.37
+    m[K._BLOCK:2 * K._BLOCK] = False
+    m[2 * K._BLOCK:3 * K._BLOCK] = False
+    m[2 * K._BLOCK + 5] = True
+    kmax = 2 ** (bits - 1)
+    cd = np.where(m, rng.integers(1, kmax + 1, n) * rng.choice([-1, 1], n), 0)
+    cd = cd.astype(code_dtype(bits))
+    want = K.pack_bits(K.codes_to_symbols(cd[m], bits), bits)
+    for par in (0, 1 << 62):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(K, "PARALLEL_MIN_SIZE", par)
+            buf = K.pack_codes(cd, m, bits)
+            same(buf, want)
+            same(K.unpack_codes(buf, m, bits), cd)
+    head = int(m[:40].sum())
+    same(want[:head * bits // 8], ref.pack_codes(cd[:40], m[:40], bits)[:head * bits // 8])
+
+
+def test_compile_timer():
+    from opq_core import _jit
+
+    @_jit.jit()
+    def _twice(x):
+        return 2 * x
+
+    with _jit.compile_timer() as log:
+        assert _twice(21) == 42
+    if S.JIT_DISABLED:
+        assert log == []
+    else:
+        assert [r.name for r in log] == ["_twice"] and log[0].seconds > 0
+        assert _jit.compile_seconds(log)["_twice"] == log[0].seconds
+        assert "_twice" in repr(log[0])
