@@ -40,12 +40,14 @@ from __future__ import annotations
 
 import importlib
 
+import numba
 import numpy as np
 import torch
 
 from opq_core import kernels as _k
+from opq_core._jit import PARALLEL_MIN_SIZE as _PARALLEL_MIN_SIZE
 
-__all__ = ["FakeQuantSTE", "CodebookSTE", "fake_quant_ste", "fake_quant_codebook_ste",
+__all__ = ["KERNEL_THREADS", "FakeQuantSTE", "CodebookSTE", "fake_quant_ste", "fake_quant_codebook_ste",
            "fake_quant_torch", "fake_quant_codebook_torch", "codebook_midpoints",
            "ste_backward_torch"]
 
@@ -182,6 +184,36 @@ def ste_backward_torch(grad, mask):
 # CPU: the opq_core kernels through NumPy views
 # --------------------------------------------------------------------------------------
 
+#: Numba threads of the CPU kernels called from autograd (``None``: Numba's setting).
+#: The default 1 keeps them on the calling thread: inside a training step torch's own
+#: OpenMP pool owns the cores, and a second (Numba) pool waking up for a memory-bound
+#: elementwise pass costs more than it saves (see benchmarks/bench_train.py).
+KERNEL_THREADS: int | None = 1
+
+
+class _kernel_threads:
+    """Run Numba's parallel kernels with :data:`KERNEL_THREADS` threads (big tensors only;
+    smaller ones use the serial kernels anyway)."""
+
+    __slots__ = ("n", "prev")
+
+    def __init__(self, numel):
+        self.n = KERNEL_THREADS if numel >= _PARALLEL_MIN_SIZE else None
+        self.prev = None
+
+    def __enter__(self):
+        if self.n is not None:
+            prev = numba.get_num_threads()
+            if prev != self.n:
+                self.prev = prev
+                numba.set_num_threads(min(self.n, numba.config.NUMBA_NUM_THREADS))
+
+    def __exit__(self, *exc):
+        if self.prev is not None:
+            numba.set_num_threads(self.prev)
+        return False
+
+
 def _np(t):
     """Zero-copy NumPy view of a CPU tensor (contiguous, detached)."""
     return t.detach().contiguous().numpy()
@@ -190,7 +222,8 @@ def _np(t):
 def _fq_cpu(w, mask, scale, threshold, step, bits, grid):
     cdt = _compute_dtype(w.dtype)
     x = w if w.dtype == cdt else w.to(cdt)
-    out = _k.fake_quant(_np(x), _np(mask), _np(scale), _np(threshold), step, bits, grid)
+    with _kernel_threads(x.numel()):
+        out = _k.fake_quant(_np(x), _np(mask), _np(scale), _np(threshold), step, bits, grid)
     y = torch.from_numpy(out)
     return y if y.dtype == w.dtype else y.to(w.dtype)
 
@@ -216,7 +249,8 @@ def _fqc_cpu(w, mask, codebook):
         return fake_quant_codebook_torch(w, mask, codebook)
     cdt = _compute_dtype(w.dtype)
     x = w if w.dtype == cdt else w.to(cdt)
-    out = fn(_np(x), _np(mask), _np(codebook.to(torch.float64)))
+    with _kernel_threads(x.numel()):
+        out = fn(_np(x), _np(mask), _np(codebook.to(torch.float64)))
     y = torch.from_numpy(np.ascontiguousarray(out))
     return y if y.dtype == w.dtype else y.to(w.dtype)
 
@@ -224,7 +258,8 @@ def _fqc_cpu(w, mask, codebook):
 def _ste_cpu(grad, mask):
     if grad.dtype not in (torch.float32, torch.float64):
         return ste_backward_torch(grad, mask)
-    return torch.from_numpy(_k.ste_backward(_np(grad), _np(mask)))
+    with _kernel_threads(grad.numel()):
+        return torch.from_numpy(_k.ste_backward(_np(grad), _np(mask)))
 
 
 # --------------------------------------------------------------------------------------

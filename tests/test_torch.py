@@ -524,3 +524,19 @@ def test_finetune_progress_bar_and_scheduler(capsys):
 
 def test_lazy_save_load_wrappers_exist():
     assert callable(opq_torch.save) and callable(opq_torch.load)
+
+
+@pytest.mark.parametrize("threads", [1, None])
+def test_kernel_threads_setting_gives_same_bits_and_is_restored(threads, monkeypatch):
+    import numba
+    monkeypatch.setattr(ste, "KERNEL_THREADS", threads)
+    # big enough for the parallel kernels
+    w, m, s, th, step = _quant_case(11, (64, 1100), "offset", 4, torch.float32)
+    before = numba.get_num_threads()
+    wr = w.clone().requires_grad_(True)
+    y = ste.fake_quant_ste(wr, m, s, th, step, 4, "offset")
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    y.backward(g)
+    assert numba.get_num_threads() == before
+    assert torch.equal(y, ste.fake_quant_torch(w, m, s, th, step, 4, "offset"))
+    assert torch.equal(wr.grad, torch.where(m, g, 0.0))
