@@ -15,7 +15,7 @@ Shapes: a 25.5 M-weight tensor (ResNet-50's total, as 25 500 channels of 1 000),
 calls) is measured apart and reported per kernel. Median of ``--repeat`` runs after a
 warm-up.
 
-    python benchmarks/bench_kernels.py [--quick] [--repeat N] [--out DIR]
+    python benchmarks/bench_kernels.py [--quick] [--repeat N] [--threads T] [--out DIR]
 
 ``--quick`` uses a 2.55 M-weight "big" tensor and fewer repeats (a smoke run).
 Results go to ``DIR/bench_kernels.json`` and ``.md`` (default ``benchmarks/results``).
@@ -183,6 +183,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="2.55 M big tensor, 3 repeats")
     ap.add_argument("--repeat", type=int, default=None, help="timed runs per figure")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch column")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for Numba and torch (default: Numba's default)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder")
     args = ap.parse_args(argv)
     repeat = args.repeat or (3 if args.quick else 9)
@@ -192,6 +194,8 @@ def main(argv=None):
               ("(2048, 1024)", (2048, 1024), [4]),
               ("(1000, 2048)", (1000, 2048), [4]),
               ("depthwise (1024, 1, 3, 3)", (1024, 1, 3, 3), [4])]
+    if args.threads:
+        numba.set_num_threads(args.threads)
     use_torch = torch is not None and not args.no_torch
     if use_torch:
         torch.set_num_threads(numba.get_num_threads())

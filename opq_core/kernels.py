@@ -15,6 +15,16 @@ non-main Python threads while Numba's threading layer is not known to be thread-
 the serial kernels. ``fastmath`` is off: the rounding must agree bit for bit with
 ``tests/reference.py``.
 
+Compile time: every kernel compiles on its first call with new argument types (about
+0.5-3 s each; :func:`opq_core._jit.compile_timer` measures it apart). Set
+``OPQ_NUMBA_CACHE=1`` to cache compiled kernels on disk (``NUMBA_CACHE_DIR`` picks the
+folder); later processes then load them in milliseconds. ``NUMBA_DISABLE_JIT=1`` runs the
+same code as plain Python.
+
+Speed notes: loops run over slices from index 0 (a loop over ``lo..hi`` of a whole array
+does not vectorize), and data-dependent choices on a random mask are arithmetic on the
+mask viewed as ``uint8`` (on a bool array LLVM knows the 0/1 range and emits branches).
+
 Codes are signed integers: ``0`` = pruned, ``+k`` / ``-k`` = magnitude index ``k`` in
 ``1..K`` (``K = 2**(bits - 1)``) with the sign of the weight. ``int8`` holds them for
 ``bits <= 7``; ``bits = 8`` has ``K = 128`` and needs ``int16`` (see :func:`code_dtype`).
