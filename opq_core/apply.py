@@ -49,5 +49,5 @@ def apply_layer(lp, w, mask=None) -> np.ndarray:
                                   lp.codebook)
         return out.astype(w.dtype, copy=False)
     out = fake_quant(w.astype(dtype, copy=False), np.asarray(mask, dtype=bool), lp.channel_scale,
-                     lp.thresholds, lp.step, lp.bits, lp.grid)
+                     lp.thresholds, lp.step, lp.bits, lp.grid, layer=lp.name)
     return out.astype(w.dtype, copy=False)
