@@ -47,7 +47,7 @@ from opq_core.apply import layer_mask
 
 from .ste import CodebookSTE, FakeQuantSTE
 
-__all__ = ["compress", "restore", "is_compressed", "plan_of", "masks_of", "compressed_weights",
+__all__ = ["compress", "restore", "quantizers", "is_compressed", "plan_of", "masks_of", "compressed_weights",
            "strip", "plan_from_state_dict", "QuantizedWeight", "COMPRESSIBLE"]
 
 #: Module types whose ``weight`` is compressed.
@@ -154,6 +154,31 @@ class QuantizedWeight(nn.Module):
         # the buffers come with the same state_dict; they are loaded as they are
         self._set_layer(layer, buffers=False)
 
+    def update(self, layer: LayerPlan | None = None, mask=None):
+        """Replace the layer's plan and/or mask in place (e.g. a training-time method that
+        moves masks and codebooks); the latent weight is not touched.
+
+        ``mask`` (bool array or tensor of the weight's shape) is copied onto the buffer's
+        device; ``layer`` must have the same name and shape.
+        """
+        if layer is not None:
+            if not isinstance(layer, LayerPlan):
+                raise TypeError(f"update: layer must be a LayerPlan, got {type(layer).__name__}")
+            if layer.name != self.name or tuple(layer.shape) != tuple(self.mask.shape):
+                raise ValueError(f"update: layer {layer.name!r} with shape {tuple(layer.shape)} "
+                                 f"does not fit {self.name!r} with shape "
+                                 f"{tuple(self.mask.shape)}")
+        if mask is not None:
+            m = mask if isinstance(mask, torch.Tensor) else torch.from_numpy(np.asarray(mask))
+            if m.dtype != torch.bool or tuple(m.shape) != tuple(self.mask.shape):
+                raise ValueError(f"update: mask of layer {self.name!r} must be a bool array of "
+                                 f"shape {tuple(self.mask.shape)}, got {m.dtype} "
+                                 f"{tuple(m.shape)}")
+            with torch.no_grad():
+                self.mask.copy_(m)
+        if layer is not None:
+            self._set_layer(layer)
+
     # ---- forward -----------------------------------------------------------------------
     def forward(self, w):
         if self.grid == "codebook":
@@ -258,7 +283,9 @@ def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=
         must match). When omitted it is computed from the model's weights by
         :func:`opq_core.plan` with the keyword arguments below.
     sparsity, bits, rate, budget_bits, method, channelwise, grid, error_model
-        As in :func:`opq_core.plan`.
+        As in :func:`opq_core.plan`. ``bits`` is 4 by default; in budget mode
+        (``rate``/``budget_bits``) pass a set of candidates, or ``bits=None`` to let every
+        layer choose among 1..8.
     exclude : str or sequence of str, optional
         Module names (``"classifier.2"``) or weight names (``"classifier.2.weight"``) to
         leave alone.
@@ -327,9 +354,10 @@ def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=
         if not weights:
             raise ValueError(f"{fn}: model has no compressible layer (Linear, Conv*, "
                              f"ConvTranspose* with a floating weight) left after exclude={excl}")
-        plan = opq_core.plan(weights, sparsity=sparsity, bits=bits, rate=rate,
-                             budget_bits=budget_bits, method=method, channelwise=channelwise,
-                             grid=grid, error_model=error_model)
+        kw = {} if bits is None else {"bits": bits}
+        plan = opq_core.plan(weights, sparsity=sparsity, rate=rate, budget_bits=budget_bits,
+                             method=method, channelwise=channelwise, grid=grid,
+                             error_model=error_model, **kw)
         planned = set(plan.names)
         plan = replace(plan, skipped=tuple(k for k in model.state_dict() if k not in planned))
     else:
@@ -405,6 +433,12 @@ def _require(model, fn):
     if not mods:
         raise ValueError(f"{fn}: model is not compressed (no layer has an opq parametrization)")
     return mods
+
+
+def quantizers(model) -> dict:
+    """``{layer name: QuantizedWeight}`` of a compressed model (to inspect or
+    :meth:`~QuantizedWeight.update` a layer)."""
+    return {q.name: q for _, _, q in _require(model, "quantizers")}
 
 
 def plan_of(model) -> Plan:

@@ -540,3 +540,25 @@ def test_kernel_threads_setting_gives_same_bits_and_is_restored(threads, monkeyp
     assert numba.get_num_threads() == before
     assert torch.equal(y, ste.fake_quant_torch(w, m, s, th, step, 4, "offset"))
     assert torch.equal(wr.grad, torch.where(m, g, 0.0))
+
+
+def test_budget_mode_mixed_bits_and_update():
+    net = Net()
+    plan = opq_torch.compress(net, rate=40.0, bits=None)
+    assert plan.paper_rate >= 40.0 - 1e-9
+    eff = opq_torch.compressed_weights(net)
+    assert len({lp.bits for lp in plan.layers}) > 1
+    for lp in plan.layers:  # per channel at most 2**(bits-1) magnitudes
+        rows = eff[lp.name].reshape(lp.shape[0], -1)
+        for r in rows:
+            assert len(np.unique(np.abs(r[r != 0]))) <= 2 ** (lp.bits - 1)
+    # update: a new mask for one layer (as a training-time method would)
+    q = opq_torch.quantizers(net)["fc.weight"]
+    new = np.zeros(q.mask.shape, bool)
+    new[:, :3] = True
+    q.update(mask=new)
+    assert np.array_equal(opq_torch.masks_of(net)["fc.weight"], new)
+    w = opq_torch.compressed_weights(net)["fc.weight"]
+    assert np.all(w[:, 3:] == 0) and np.all(w[:, :3] != 0)
+    with pytest.raises(ValueError, match="'fc.weight'"):
+        q.update(mask=np.zeros((2, 2), bool))
