@@ -300,13 +300,15 @@ def compress_annc(model, train_loader, *, rate=None, budget_bits=None, epochs_ad
                   epochs_finetune: int = 5, lr: float = 0.01, momentum: float = 0.9,
                   weight_decay: float = 0.0, rho: float = 2.0, rho_growth: float = 1.3,
                   project_every: int | None = None, iterations: int = 3, eval_loader=None,
-                  device=None, exclude=(), progress: bool = True) -> ANNCResult:
+                  device=None, exclude=(), progress: bool = True,
+                  path=None) -> ANNCResult:
     """ANNC in one call: ADMM for ``epochs_admm`` epochs, finalize, fine-tune.
 
     Both stages use :func:`opq_torch.finetune` (SGD with ``lr``, ``momentum``,
     ``weight_decay``); the ADMM stage passes the :class:`ANNC` driver as ``step_hook``
     and projects once an epoch unless ``project_every`` says otherwise. The model is left
-    compressed (``opq_torch.is_compressed``); save it with ``opq_torch.save``.
+    compressed (``opq_torch.is_compressed``); with ``path`` it is also written to an
+    ``.opq`` file by ``opq_torch.save`` (atomically).
 
     Returns
     -------
@@ -332,4 +334,7 @@ def compress_annc(model, train_loader, *, rate=None, budget_bits=None, epochs_ad
         ft = finetune(model, train_loader, epochs=epochs_finetune, lr=lr, momentum=momentum,
                       weight_decay=weight_decay, eval_loader=eval_loader, device=device,
                       progress=progress)
+    if path is not None:
+        from . import save
+        save(model, path)
     return ANNCResult(plan, admm, ft, tuple(annc.records))

@@ -70,6 +70,21 @@ def test_compress_annc_budget_holds_exactly_after_finetuning():
     assert "paper_rate" in repr(res)
 
 
+def test_save_and_load_opq_file(tmp_path):
+    loader = data(5)
+    model = net(5)
+    path = tmp_path / "m.opq"
+    res = compress_annc(model, loader, rate=30, epochs_admm=1, epochs_finetune=1,
+                        progress=False, path=path)
+    fresh = net(6)
+    opq_torch.load(path, fresh)
+    x = next(iter(loader))[0]
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x))
+    assert opq_torch.plan_of(fresh).size_bits == res.plan.size_bits <= res.plan.budget_bits
+    check_compressed(fresh, res.plan, int(res.plan.budget_bits))
+
+
 def test_user_loop_step_hook_and_finalize():
     loader = data(1)
     model = net(1)
