@@ -183,6 +183,7 @@ def run(cfg: Config) -> dict:
     from opq_torch import examples as ex
 
     t_start = time.perf_counter()
+    cpu_start = time.process_time()
     torch.set_num_threads(cfg.threads)
     try:
         numba.set_num_threads(min(cfg.threads, numba.config.NUMBA_NUM_THREADS))
@@ -237,6 +238,7 @@ def run(cfg: Config) -> dict:
         "machine": machine(),
         "compile_s": compile_s,
         "wall_s": time.perf_counter() - t_start,
+        "cpu_s": time.process_time() - cpu_start,
         "dense": dense,
         "cells": cells,
         "summary": summarize(cells),

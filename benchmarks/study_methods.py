@@ -14,7 +14,6 @@ Methods with a size budget (``budget``, ``annc``) take ``budget_bits = 32 N / R`
 from __future__ import annotations
 
 import copy
-import math
 import os
 import tempfile
 import time
@@ -340,17 +339,22 @@ def per_channel_plan(weights: dict, rate: float, bits: int, *, error_model="empi
 
 
 def measured_errors(plan, weights: dict, masks=None) -> dict:
-    """Per layer: measured ``||w - Q(w)||^2`` and the plan's prediction."""
+    """Per layer: the plan's predicted error against the error measured on the weights.
+
+    ``measured = ||w - Q(w)||^2``; ``pruning`` = sum of the squared pruned weights (exact
+    in both); the quantization error of the kept weights is ``measured - pruning``
+    (``q_measured``) against ``predicted - pruning`` (``q_predicted``).
+    """
     deq = plan.apply(weights, masks=masks)
     out = {}
     for lp in plan.layers:
         d = weights[lp.name].astype(np.float64) - deq[lp.name].astype(np.float64)
-        out[lp.name] = {"measured": float(np.sum(d * d)), "predicted": float(lp.predicted_error),
+        meas = float(np.sum(d * d))
+        out[lp.name] = {"measured": meas, "predicted": float(lp.predicted_error),
+                        "pruning": float(lp.pruning_error),
+                        "q_measured": meas - float(lp.pruning_error),
+                        "q_predicted": float(lp.predicted_error) - float(lp.pruning_error),
                         "sparsity": float(lp.sparsity),
                         "predicted_sparsity": float(lp.predicted_sparsity),
                         "n": int(lp.n)}
     return out
-
-
-def finite(x):
-    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import math
 
 import numpy as np
 
@@ -35,7 +34,8 @@ def markdown(result: dict) -> str:
         f"{[int(r) if float(r).is_integer() else r for r in cfg['rates']]}; fixed-bit methods "
         f"use {cfg['bits']} bits per kept weight; fine-tuning: {cfg['ft_epochs']} epochs of "
         f"Adam (lr {cfg['ft_lr']:g}, cosine) for every method. Wall time "
-        f"{result['wall_s']:.0f} s ({cfg['threads']} thread(s); JIT compile "
+        f"{result['wall_s']:.0f} s, CPU time {result.get('cpu_s') or 0:.0f} s "
+        f"({cfg['threads']} thread(s); JIT compile "
         f"{result['compile_s']:.1f} s, excluded from allocation times). Machine: "
         f"{result['machine']}.")
     lines.append("")
@@ -101,14 +101,17 @@ def markdown(result: dict) -> str:
             rows.append([s["model"], s["method"], _rate_label(s["rate_target"]),
                          "failed: " + str(s.get("error", ""))[:80], "", "", "", "", ""])
             continue
+        ref = _find(summary, s["model"], "opq", s["rate_target"])
+        ratio = (s["ft_s"] / ref["ft_s"] if ref and ref.get("ft_s") and s.get("ft_s")
+                 else None)
         rows.append([s["model"], f"`{s['method']}`", _rate_label(s["rate_target"]),
                      _num(s.get("paper_rate")), _num(s.get("storage_rate")),
                      _pm(s.get("acc_post"), s.get("acc_post_std")),
                      _pm(s.get("acc_ft"), s.get("acc_ft_std")),
                      _num(None if s.get("alloc_s") is None else 1e3 * s["alloc_s"]),
-                     _num(s.get("ft_s"))])
+                     _num(s.get("ft_s")), _num(ratio, "{:.2f}")])
     lines.append(_table(["model", "method", "target", "paper_rate", "storage_rate",
-                         "acc post", "acc ft", "alloc ms", "ft s"], rows))
+                         "acc post", "acc ft", "alloc ms", "ft s", "ft s / OPQ ft s"], rows))
     lines.append("")
     if result.get("ablation_summary"):
         lines.append("## Ablations (OPQ)")
@@ -134,9 +137,13 @@ def markdown(result: dict) -> str:
     if result.get("errors"):
         lines.append("## Predicted vs measured per-layer error")
         lines.append("")
-        lines.append("Per layer, the plan's predicted squared error (pruning + quantization) "
-                     "against ||w - Q(w)||^2 measured on the trained weights; ratio = "
-                     "predicted / measured.")
+        lines.append("Per layer of the trained models, the plan's prediction against the "
+                     "measurement. q ratio = predicted / measured quantization error of the "
+                     "kept weights (the part a model must predict; the pruning error is "
+                     "the exact sum of the pruned squares in both); total ratio = predicted / "
+                     "measured ||w - Q(w)||^2 over all layers (pruning included); sparsity "
+                     "gap = |analytic Laplace sparsity - realized sparsity| of a layer. "
+                     "Plot: `" + cfg["name"] + "_error.png`.")
         lines.append("")
         rows = []
         keys = sorted({(e["model"], e["error_model"], e["rate_target"])
@@ -144,16 +151,19 @@ def markdown(result: dict) -> str:
         for model, em, rate in keys:
             es = [e for e in result["errors"] if (e["model"], e["error_model"],
                                                   e["rate_target"]) == (model, em, rate)]
-            ratio = [e["predicted"] / e["measured"] for e in es if e["measured"] > 0]
+            ratio = [e["q_predicted"] / e["q_measured"] for e in es if e["q_measured"] > 0]
             tot_p = sum(e["predicted"] for e in es)
             tot_m = sum(e["measured"] for e in es)
+            sp = [abs(e["predicted_sparsity"] - e["sparsity"]) for e in es]
             rows.append([model, em, _rate_label(rate), len(es),
                          _num(min(ratio), "{:.3f}") if ratio else "n/a",
                          _num(float(np.median(ratio)), "{:.3f}") if ratio else "n/a",
                          _num(max(ratio), "{:.3f}") if ratio else "n/a",
-                         _num(tot_p / tot_m if tot_m else None, "{:.3f}")])
-        lines.append(_table(["model", "error model", "target", "layers", "min ratio",
-                             "median ratio", "max ratio", "total ratio"], rows))
+                         _num(tot_p / tot_m if tot_m else None, "{:.3f}"),
+                         _num(max(sp), "{:.3f}") if em == "laplace" else ""])
+        lines.append(_table(["model", "error model", "target", "layers",
+                             "min q ratio", "median q ratio", "max q ratio",
+                             "total ratio", "max abs sparsity gap"], rows))
         lines.append("")
     return "\n".join(lines)
 
@@ -227,37 +237,46 @@ def plot_accuracy(result: dict, path: str) -> None:
 
 
 def plot_errors(result: dict, path: str) -> None:
-    """Predicted vs measured per-layer squared error (log-log), one panel per error model."""
+    """The Fig. 3 analogue, per layer of every trained model: predicted vs measured
+    quantization error of the kept weights, the same with pruning included, and the
+    Laplace model's analytic sparsity vs the realized one (log-log / linear)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ems = sorted({e["error_model"] for e in result["errors"]})
-    fig, axes = plt.subplots(1, len(ems), figsize=(5.0 * len(ems), 4.4), squeeze=False)
-    markers = "osd^v<>"
-    for j, em in enumerate(ems):
-        ax = axes[0][j]
-        es = [e for e in result["errors"] if e["error_model"] == em and e["measured"] > 0
-              and e["predicted"] > 0]
-        keys = sorted({(e["model"], e["rate_target"]) for e in es})
-        for k, (model, rate) in enumerate(keys):
-            sel = [e for e in es if (e["model"], e["rate_target"]) == (model, rate)]
-            ax.scatter([e["measured"] for e in sel], [e["predicted"] for e in sel], s=14,
-                       marker=markers[k % len(markers)], label=f"{model} {_rate_label(rate)}x")
-        if es:
-            lo = min(min(e["measured"], e["predicted"]) for e in es)
-            hi = max(max(e["measured"], e["predicted"]) for e in es)
+    errs = result["errors"]
+    fig, axes = plt.subplots(1, 3, figsize=(15.0, 4.6))
+    colors = {"laplace": "tab:blue", "empirical": "tab:orange"}
+    markers = dict(zip(sorted({e["model"] for e in errs}), "osd^v<>"))
+    panels = (("q_measured", "q_predicted", "quantization error of kept weights", True),
+              ("measured", "predicted", "total error (pruning + quantization)", True),
+              ("sparsity", "predicted_sparsity", "layer sparsity (analytic vs realized)",
+               False))
+    for ax, (xk, yk, title, log) in zip(axes, panels):
+        vals = []
+        for em in ("laplace", "empirical"):
+            if xk == "sparsity" and em != "laplace":
+                continue
+            for model, mk in markers.items():
+                sel = [e for e in errs if e["error_model"] == em and e["model"] == model
+                       and (not log or (e.get(xk, 0) > 0 and e.get(yk, 0) > 0))]
+                if not sel:
+                    continue
+                x = [e[xk] for e in sel]
+                y = [e[yk] for e in sel]
+                vals += x + y
+                ax.scatter(x, y, s=16, marker=mk, color=colors[em], alpha=0.75,
+                           label=f"{model} ({em})")
+        if vals:
+            lo, hi = min(vals), max(vals)
             ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("measured ||w - Q(w)||^2 per layer")
+        if log:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.set_xlabel("measured" if xk != "sparsity" else "realized")
         ax.set_ylabel("predicted")
-        ax.set_title(f"error model: {em}", fontsize=10)
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
-
-
-def finite_or_none(v):
-    return v if isinstance(v, (int, float)) and math.isfinite(v) else None

@@ -89,6 +89,8 @@ def test_ablations_and_error_model(tiny):
     assert emp
     for e in emp:
         assert e["predicted"] == pytest.approx(e["measured"], rel=0.05), e["layer"]
+        assert e["q_measured"] >= 0.0 and e["q_predicted"] >= 0.0
+        assert e["measured"] == pytest.approx(e["pruning"] + e["q_measured"], rel=1e-9)
     lap = [e for e in result["errors"] if e["error_model"] == "laplace"]
     tot = sum(e["predicted"] for e in lap) / sum(e["measured"] for e in lap)
     assert 0.5 < tot < 2.0
