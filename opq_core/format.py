@@ -513,7 +513,6 @@ def _encode_layer(lp, codes, mask, layout) -> tuple[bytes, dict]:
     mask_b = b""
     code_b = b""
     sym = _symbols(lp, codes, mask) if kept else np.zeros(0, np.uint8)
-    full = 0 < kept == n
     mask_coding = "none" if kept in (0, n) else None
     code_coding = "none" if kept == 0 else layout
     if layout == "entropy":
@@ -537,7 +536,6 @@ def _encode_layer(lp, codes, mask, layout) -> tuple[bytes, dict]:
                 code_b = pack_bits(sym, lp.bits).tobytes()
             else:
                 code_b = pack_codes(codes, mask, lp.bits).tobytes()
-    del full
     parts = [scale, codebook, model, mask_b, code_b]
     info = {"mask": mask_coding, "codes": code_coding, "scale_dtype": scale_dt,
             "parts": [len(p) for p in parts]}
@@ -711,7 +709,6 @@ def write_opq(path, plan, weights: Mapping | None = None, *, codes: Mapping | No
         infos.append(info)
 
     # 2) header
-    import constriction  # noqa: F401 - version recorded below
     desc = {"version": FORMAT_VERSION, "layout": layout, "plan": _plan_header(plan),
             "layers": infos, "other": list(other),
             "writer": {"opq_format": FORMAT_VERSION,
