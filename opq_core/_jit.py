@@ -31,6 +31,14 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
+# Threading layer. Numba's "omp" layer shares the OpenMP runtime's thread-count setting
+# with PyTorch: every parallel launch resets it, so a process that called
+# torch.set_num_threads(k) silently trains with Numba's thread count after the first kernel.
+# Unless the user chose a layer, prefer tbb (when installed), then Numba's own workqueue.
+if "NUMBA_THREADING_LAYER" not in os.environ and \
+        "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
+    numba.config.THREADING_LAYER_PRIORITY = ["tbb", "workqueue", "omp"]
+
 CACHE = _env_flag("OPQ_NUMBA_CACHE")
 JIT_DISABLED = _env_flag("NUMBA_DISABLE_JIT")
 

@@ -107,6 +107,15 @@ class LayerPlan:
         return float(np.mean(self.channel_scale)) if self.channel_scale.size else 0.0
 
     @property
+    def kernel_scale(self) -> np.ndarray:
+        """``channel_scale`` with the all-zero ("dead") channels' 0 replaced by 1.
+
+        Dead channels are pruned whole, so any positive scale decodes them to 0.0; the
+        kernels require positive scales."""
+        s = np.asarray(self.channel_scale, dtype=np.float64)
+        return np.where(s > 0, s, 1.0)
+
+    @property
     def thresholds(self) -> np.ndarray:
         """Per-channel magnitude thresholds ``theta_c = sqrt(max(0, lam + score_q s_c^2))``."""
         return channel_thresholds(self.lam, self.score_q, self.channel_scale)

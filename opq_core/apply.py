@@ -48,6 +48,6 @@ def apply_layer(lp, w, mask=None) -> np.ndarray:
         out = fake_quant_codebook(w.astype(dtype, copy=False), np.asarray(mask, dtype=bool),
                                   lp.codebook)
         return out.astype(w.dtype, copy=False)
-    out = fake_quant(w.astype(dtype, copy=False), np.asarray(mask, dtype=bool), lp.channel_scale,
+    out = fake_quant(w.astype(dtype, copy=False), np.asarray(mask, dtype=bool), lp.kernel_scale,
                      lp.thresholds, lp.step, lp.bits, lp.grid, layer=lp.name)
     return out.astype(w.dtype, copy=False)

@@ -281,8 +281,7 @@ def _code_dtype(lp):
 def _safe_scale(lp) -> np.ndarray:
     # all-zero ("dead") channels have scale 0: they hold no kept weight, any positive
     # scale decodes them to 0.0
-    s = np.asarray(lp.channel_scale, dtype=np.float64)
-    return np.where(s > 0, s, 1.0)
+    return lp.kernel_scale
 
 
 def _compute_dtype(dtype) -> np.dtype:

@@ -113,8 +113,8 @@ class QuantizedWeight(nn.Module):
             th = np.zeros(0)
             cb = np.asarray(lp.codebook if lp.codebook is not None else [], dtype=np.float64)
         else:
-            s = np.asarray(lp.channel_scale, dtype=np.float64)
-            th = channel_thresholds(lp.lam, lp.score_q, s)
+            s = lp.kernel_scale  # dead channels: scale 1 (pruned whole, decode to 0)
+            th = channel_thresholds(lp.lam, lp.score_q, lp.channel_scale)
             cb = np.zeros(0)
         return s, th, cb
 

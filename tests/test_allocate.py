@@ -359,3 +359,14 @@ def test_lazy_file_source_gives_the_same_plan(tmp_path):
                 b = plan(w, **kw)
                 assert a.to_dict()["layers"] == b.to_dict()["layers"], (name, kw)
                 assert a.skipped == b.skipped == ("a.bias",)
+
+
+def test_apply_with_an_all_zero_channel():
+    rng = np.random.default_rng(2)
+    w = rng.laplace(size=(8, 16)).astype(np.float32)
+    w[3] = 0
+    p = plan({"a": w}, sparsity=0.5)
+    out = p.apply({"a": w})["a"]
+    assert np.all(out[3] == 0)
+    assert int(np.count_nonzero(out)) == p.kept
+    assert p.layers[0].kernel_scale[3] == 1.0 and p.layers[0].channel_scale[3] == 0.0
