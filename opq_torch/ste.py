@@ -317,6 +317,18 @@ def _(grad, mask):
 # autograd
 # --------------------------------------------------------------------------------------
 
+def _eager_cpu(t):
+    """CPU tensor outside torch.compile: call the kernel directly (same result as the op)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _ste(grad, mask):
+    grad = grad.contiguous()
+    if _eager_cpu(grad):
+        return _ste_cpu(grad, mask)
+    return _ste_backward_op(grad, mask)
+
+
 class FakeQuantSTE(torch.autograd.Function):
     """Uniform-grid prune + fake-quant with a straight-through gradient.
 
@@ -327,12 +339,14 @@ class FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, mask, scale, threshold, step, bits, grid):
         ctx.save_for_backward(mask)
+        if _eager_cpu(w):  # the operator's CPU kernel without the dispatcher's overhead
+            return _fq_cpu(w, mask, scale, threshold, float(step), int(bits), str(grid))
         return _fake_quant_op(w, mask, scale, threshold, float(step), int(bits), str(grid))
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return _ste_backward_op(grad.contiguous(), mask), None, None, None, None, None, None
+        return _ste(grad, mask), None, None, None, None, None, None
 
 
 class CodebookSTE(torch.autograd.Function):
@@ -344,12 +358,14 @@ class CodebookSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, mask, codebook):
         ctx.save_for_backward(mask)
+        if _eager_cpu(w):
+            return _fqc_cpu(w, mask, codebook)
         return _fake_quant_codebook_op(w, mask, codebook)
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return _ste_backward_op(grad.contiguous(), mask), None, None
+        return _ste(grad, mask), None, None
 
 
 def fake_quant_ste(w, mask, scale, threshold, step, bits, grid="offset"):
