@@ -10,8 +10,10 @@
 """
 from . import error_model, stats
 from .allocate import LayerPlan, Plan, plan
+from .format import CompressedFile, read_opq, write_opq
 from .io import load_weights, open_weights, save_weights
 
 __version__ = "0.1.0"
 __all__ = ["plan", "Plan", "LayerPlan", "error_model", "stats", "load_weights",
-           "open_weights", "save_weights", "__version__"]
+           "open_weights", "save_weights", "read_opq", "write_opq", "CompressedFile",
+           "__version__"]
