@@ -8,8 +8,8 @@ the same fine-tuning budget in epochs. Per cell: test accuracy (mean +- std over
 paper_rate, storage_rate of the written ``.opq`` file, allocation time, fine-tuning time.
 
 Ablations: unified channel-wise vs layer-wise scales vs per-channel steps (emulated: one
-pseudo-layer per output channel); offset vs symmetric grid; predicted vs measured per-layer
-error on the trained models.
+pseudo-layer per output channel); offset vs symmetric grid; the fixed bit-width (2, 3, 4) at
+the same rate; predicted vs measured per-layer error on the trained models.
 
     python benchmarks/study.py [--quick] [--seed 0] [--out benchmarks/results]
 
@@ -144,7 +144,8 @@ def _batch(data):
 
 
 def _ablation_cells(cfg, model, data, rate, seed, weights):
-    """Unified vs layer vs per-channel steps (post-training); offset vs symmetric (both)."""
+    """Unified vs layer vs per-channel steps (post-training); offset vs symmetric grid and
+    bit-widths 2 and 3 against the default (post-training and fine-tuned)."""
     from opq_torch import examples as ex
     _, test = ex.loaders(data, seed=seed)
     rows = []
@@ -164,15 +165,17 @@ def _ablation_cells(cfg, model, data, rate, seed, weights):
         post(label, sm.dequantized(a, weights), a.seconds, a.plan)
     p, deq, secs = sm.per_channel_plan(weights, rate, cfg.bits)
     post("per-channel steps (empirical)", deq, secs, p)
-    for grid in ("offset", "symmetric"):
-        a = sm.allocate("opq", weights, rate, cfg.bits, grid=grid)
-        r = post(f"grid {grid}", sm.dequantized(a, weights), a.seconds, a.plan)
-        r["variant_group"] = "grid"
+    tuned = [(f"grid {grid}", {"grid": grid}, cfg.bits) for grid in ("offset", "symmetric")]
+    tuned += [(f"bits {b}", {}, b) for b in (2, 3) if b != cfg.bits]
+    for label, kw, bits in tuned:
+        a = sm.allocate("opq", weights, rate, bits, **kw)
+        r = post(label, sm.dequantized(a, weights), a.seconds, a.plan)
         if cfg.ft_epochs > 0:
             train, _ = ex.loaders(data, batch_size=_batch(data), seed=seed + 1000)
             t = sm.finetune_plan(model, a, train, epochs=cfg.ft_epochs, lr=cfg.ft_lr, seed=seed)
             r["acc_ft"] = ex.evaluate(t.model, test)
             r["ft_s"] = t.seconds
+            r["storage_rate"] = sm.tuned_storage(t, sm.others_of(model, weights))[0]
     return rows
 
 
@@ -294,7 +297,8 @@ def summarize_ablations(rows) -> list:
     out = []
     for (model, variant, rate), rs in groups.items():
         s = {"model": model, "variant": variant, "rate_target": rate, "seeds": len(rs)}
-        for key in ("acc_post", "acc_ft", "weight_error", "paper_rate", "alloc_s"):
+        for key in ("acc_post", "acc_ft", "weight_error", "paper_rate", "alloc_s",
+                    "storage_rate"):
             s[key], s[key + "_std"] = _ms([r.get(key) for r in rs])
         out.append(s)
     return out

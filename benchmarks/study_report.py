@@ -122,17 +122,19 @@ def markdown(result: dict) -> str:
                      "emulated by planning every output channel as its own layer (own scale, "
                      "own step from its measured error, one global multiplier); "
                      "post-training only, since the adapter installs per-layer plans. "
-                     "weight error = sum over layers of ||w - Q(w)||^2.")
+                     "`grid` and `bits` rows are OPQ (unified, Laplace) at the same rate, "
+                     "fine-tuned like the main table (`bits B`: sparsity re-solved for the "
+                     "rate). weight error = sum over layers of ||w - Q(w)||^2.")
         lines.append("")
         rows = []
         for s in result["ablation_summary"]:
             rows.append([s["model"], _rate_label(s["rate_target"]), s["variant"],
                          _pm(s.get("acc_post"), s.get("acc_post_std")),
                          _pm(s.get("acc_ft"), s.get("acc_ft_std")),
-                         _num(s.get("weight_error"), "{:.4g}"),
+                         _num(s.get("weight_error"), "{:.4g}"), _num(s.get("storage_rate")),
                          _num(None if s.get("alloc_s") is None else 1e3 * s["alloc_s"])])
         lines.append(_table(["model", "target", "variant", "acc post", "acc ft",
-                             "weight error", "alloc ms"], rows))
+                             "weight error", "storage_rate", "alloc ms"], rows))
         lines.append("")
     if result.get("errors"):
         lines.append("## Predicted vs measured per-layer error")

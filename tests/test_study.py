@@ -79,7 +79,7 @@ def test_ablations_and_error_model(tiny):
     _, result, _ = tiny
     variants = {a["variant"] for a in result["ablations"]}
     assert {"unified (laplace)", "layer (laplace)", "per-channel steps (empirical)",
-            "grid offset", "grid symmetric"} <= variants
+            "grid offset", "grid symmetric", "bits 2", "bits 3"} <= variants
     for a in result["ablations"]:
         assert a["paper_rate"] == pytest.approx(50.0, rel=1e-3)
         assert 0.0 <= a["acc_post"] <= 1.0
