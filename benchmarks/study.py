@@ -12,6 +12,7 @@ pseudo-layer per output channel); offset vs symmetric grid; the fixed bit-width 
 the same rate; predicted vs measured per-layer error on the trained models.
 
     python benchmarks/study.py [--quick] [--seed 0] [--out benchmarks/results]
+    python benchmarks/study.py --from-json benchmarks/results/study.json   # re-render only
 
 Writes ``<name>.json``, ``<name>.md``, ``<name>_accuracy.png`` and ``<name>_error.png`` into
 ``--out`` (``name`` is ``study``, or ``study_quick`` with ``--quick``).
@@ -364,7 +365,15 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "results"))
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--from-json", default=None, metavar="JSON",
+                    help="rewrite the markdown and the plots from a result file, run nothing")
     args = ap.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            result = json.load(f)
+        paths = write(result, args.out)
+        print(json.dumps({"files": paths}, indent=1))
+        return result
     cfg = Config.quick(args.seed) if args.quick else Config()
     n_seeds = args.seeds if args.seeds is not None else len(cfg.seeds)
     cfg = replace(cfg, seeds=tuple(range(args.seed, args.seed + n_seeds)),

@@ -227,6 +227,9 @@ def plot_accuracy(result: dict, path: str) -> None:
             if dense:
                 ax.axhline(float(np.mean(dense)), color="k", ls=":", lw=1, label="dense")
             ax.set_xscale("log")
+            ax.set_xticks([float(r) for r in cfg["rates"]])
+            ax.set_xticklabels([_rate_label(r) for r in cfg["rates"]])
+            ax.minorticks_off()
             ax.set_ylim(0.0, 1.02)
             ax.set_title(f"{model}: {title}", fontsize=10)
             ax.set_xlabel("paper_rate (x)")

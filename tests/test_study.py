@@ -155,3 +155,11 @@ def test_storage_rate_of_written_file():
     storage, paper, nbytes = sm.storage_rate(a.plan, w, None, {"a.bias": np.zeros(8, np.float32)})
     assert paper == pytest.approx(a.plan.paper_rate)
     assert nbytes > 0 and 1.0 < storage < math.inf
+
+
+def test_rerender_from_json(tiny, tmp_path):
+    _, result, paths = tiny
+    study.main(["--from-json", paths["json"], "--out", str(tmp_path)])
+    with open(paths["md"]) as a, open(tmp_path / "study_tiny.md") as b:
+        assert a.read() == b.read()
+    assert (tmp_path / "study_tiny_accuracy.png").stat().st_size > 100
