@@ -227,3 +227,110 @@ def test_help_is_readable(capsys):
     for cmd in ("plan", "compress", "inspect", "decompress", "demo"):
         rc, text, _ = main_([cmd, "--help"], capsys)
         assert rc == 0 and "usage: opq " + cmd in text
+
+
+# ---------------------------------------------------------------------------
+# --method annc: training-time compression through a training-data hook
+# ---------------------------------------------------------------------------
+
+HOOK = "opq_torch.demo:digits_task"
+
+
+def _digits_checkpoint(folder):
+    """An untrained digits CNN state_dict (the wiring and the budget are under test)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    from opq_torch.examples import make_model
+    path = folder / "digits_cnn.pt"
+    torch.save(make_model("digits_cnn", seed=3).state_dict(), str(path))
+    return path
+
+
+def test_compress_annc_with_training_hook(tmp_path, capsys):
+    ckpt = _digits_checkpoint(tmp_path)
+    import torch
+    threads = torch.get_num_threads()
+    out = tmp_path / "annc.opq"
+    rc, text, err = main_(["compress", ckpt, "-o", out, "--method", "annc", "--rate", "50",
+                           "--train", HOOK, "--epochs-admm", "1", "--epochs-finetune", "1",
+                           "--threads", "1", "--json"], capsys)
+    assert rc == 0, err
+    d = json.loads(text)
+    from opq_core.format import read_opq
+    f = read_opq(out)
+    assert d == json.loads(json.dumps(f.to_dict()))
+    assert d["file_bytes"] == out.stat().st_size
+    assert d["paper_rate"] >= 50 * (1 - 1e-9)
+    budget = 32 * f.n // 50
+    assert f.plan.method == "annc" and f.plan.budget_bits == budget
+    bits = 0
+    for lp in f.plan.layers:
+        w, m = f.weights[lp.name], f.masks[lp.name]
+        assert np.all(w[~m] == 0) and np.all(np.isin(w[m], lp.codebook.astype(w.dtype)))
+        bits += lp.bits * int(m.sum())
+    assert bits == f.plan.size_bits <= budget
+    assert f.metadata["method"] == "annc" and f.metadata["source"] == "digits_cnn.pt"
+    assert sorted(f.other) == ["conv1.bias", "conv2.bias", "conv3.bias", "fc1.bias", "fc2.bias"]
+    # the file loads into a fresh model; the text mode prints the same accounting table
+    import torch
+    assert torch.get_num_threads() == threads
+    import opq_torch
+    from opq_torch.examples import make_model
+    fresh = make_model("digits_cnn", seed=9)
+    opq_torch.load(out, fresh)
+    assert opq_torch.plan_of(fresh) == f.plan
+    x = torch.zeros(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.isfinite(fresh(x)).all()
+    out2 = tmp_path / "annc2.opq"
+    rc, text, err = main_(["compress", ckpt, "-o", out2, "--method", "annc", "--budget-bits",
+                           "9000", "--train", HOOK, "--epochs-admm", "0", "--epochs-finetune",
+                           "1", "--layout", "packed", "--threads", "1"], capsys)
+    assert rc == 0, err
+    f2 = read_opq(out2, decode=False)
+    assert f2.layout == "packed" and f2.plan.size_bits <= 9000
+    assert f2.table().splitlines()[0] in text and "eval accuracy" in text and "wrote" in text
+
+
+def test_compress_annc_bad_arguments_one_line(tmp_path, capsys):
+    src, _ = _write("npz", tmp_path)
+    out = tmp_path / "m.opq"
+    base = ["compress", src, "-o", out, "--method", "annc"]
+    cases = [
+        (["--rate", "50"], ("needs training data", "--train MODULE:FUNCTION", HOOK)),
+        (["--rate", "50", "--sparsity", "0.9", "--train", HOOK], ("--sparsity", "--rate")),
+        (["--rate", "50", "--bits", "4", "--train", HOOK], ("--bits", "--rate")),
+        (["--train", HOOK], ("--rate", "--budget-bits")),
+        (["--rate", "50", "--budget-bits", "100", "--train", HOOK], ("not both",)),
+        (["--rate", "50", "--train", "opq_torch.demo"], ("MODULE:FUNCTION",)),
+        (["--rate", "50", "--train", "no_such_module_xyz:f"], ("cannot import",)),
+        (["--rate", "50", "--train", "opq_torch.demo:no_such_fn"], ("has no",)),
+        (["--rate", "50", "--train", "json:dumps"], ("must return a dict",)),
+        (["--rate", "50", "--train", HOOK, "--epochs-admm", "-1"], ("--epochs-admm",)),
+        (["--rate", "50", "--train", HOOK, "--lr", "0"], ("--lr",)),
+        (["--rate", "50", "--train", HOOK, "--threads", "0"], ("--threads",)),
+    ]
+    for extra, words in cases:
+        line = _err(base + extra, capsys)
+        for w in words:
+            assert w in line, (extra, line)
+    assert not out.exists()
+    # the hook's own error (a checkpoint of another model) is one line too
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    assert "not a digits_cnn" in _err(base + ["--rate", "50", "--train", HOOK], capsys)
+    # ANNC-only options with another method, and 'opq plan --method annc'
+    assert "only for --method annc" in _err(["compress", src, "-o", out, "--sparsity", "0.5",
+                                             "--train", HOOK], capsys)
+    assert "opq compress" in _err(["plan", src, "--method", "annc", "--rate", "20"], capsys)
+    assert not out.exists()
+
+
+def test_help_shows_annc_usage(capsys):
+    from opq_core.cli import build_parser
+    text = build_parser().format_help()
+    assert "--method annc" in text and HOOK in text and "--save-dense" in text
+    rc, text, _ = main_(["compress", "--help"], capsys)
+    assert rc == 0 and "--train MODULE:FUNCTION" in text and "--epochs-admm" in text
+    rc, text, _ = main_(["demo", "--help"], capsys)
+    assert rc == 0 and "annc" in text and "--save-dense" in text
