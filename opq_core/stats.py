@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 
 from ._jit import PARALLEL_MIN_SIZE, jit, prange
@@ -27,7 +29,7 @@ class LayerStats:
 
     @property
     def n(self) -> int:
-        return int(np.prod(self.shape))
+        return math.prod(int(d) for d in self.shape)
 
     @property
     def channels(self) -> int:
