@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
-import threading
-
-from ._jit import PARALLEL_MIN_SIZE, jit, prange, threading_layer_is_safe
+from ._jit import jit, prange
+from .kernels import _finish, _index, _target, _use_parallel
 
 __all__ = ["check_codebook", "midpoints", "fake_quant_codebook", "codebook_codes",
            "dequantize_codebook", "CODE_DTYPE", "MAX_CENTROIDS"]
@@ -34,18 +33,6 @@ __all__ = ["check_codebook", "midpoints", "fake_quant_codebook", "codebook_codes
 CODE_DTYPE = np.int16
 #: At most ``2**8`` non-zero centroids (8 bits per kept weight).
 MAX_CENTROIDS = 256
-
-
-def _use_parallel(n: int) -> bool:
-    if n < PARALLEL_MIN_SIZE:
-        return False
-    if threading.current_thread() is threading.main_thread():
-        return True
-    return threading_layer_is_safe()
-
-
-def _index(shape, flat_i):
-    return tuple(int(k) for k in np.unravel_index(int(flat_i), shape))
 
 
 def _check_weight(fn, w, name):
@@ -69,38 +56,6 @@ def _check_mask(fn, mask, shape, name):
         raise ValueError(f"{fn}: mask{_where(name)} shape {m.shape} does not match the "
                          f"weights' {tuple(shape)}")
     return np.ascontiguousarray(m)
-
-
-def _target(fn, arg, out, shape, dtype, inputs):
-    """``out`` itself when it is contiguous and shares no memory with an input other than
-    being the very weight buffer, else a fresh buffer copied into ``out`` at the end."""
-    if out is None:
-        return np.empty(shape, dtype=dtype), None
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{fn}: {arg} must be a numpy array, got {type(out).__name__}")
-    if out.shape != tuple(shape):
-        raise ValueError(f"{fn}: {arg} shape {out.shape} does not match {tuple(shape)}")
-    if out.dtype != dtype:
-        raise TypeError(f"{fn}: {arg} dtype {out.dtype} does not match {np.dtype(dtype)}")
-    if not out.flags.writeable:
-        raise ValueError(f"{fn}: {arg} is read-only")
-    # the kernel reads w[j] before writing out[j], so out may be w itself; any other
-    # overlap goes through a temporary
-    direct = out.flags.c_contiguous and not any(
-        a is not None and np.may_share_memory(out, a) and not (
-            a.flags.c_contiguous and a.shape == out.shape and a.dtype == out.dtype
-            and a.__array_interface__["data"][0] == out.__array_interface__["data"][0])
-        for a in inputs)
-    if direct:
-        return out, None
-    return np.empty(shape, dtype=dtype), out
-
-
-def _finish(buf, user):
-    if user is None:
-        return buf
-    np.copyto(user, buf)
-    return user
 
 
 def _where(name):
@@ -202,7 +157,7 @@ def _run(fn, w, mask, codebook, out, codes, name):
     cb = check_codebook(codebook, fn=fn, name=name)
     mid = midpoints(cb)
     cent = cb.astype(x.dtype)  # the cast of every centroid to the weight dtype
-    o, o_user = _target(fn, "out", out, x.shape, x.dtype, (x, m))
+    o, o_user = _target(fn, "out", out, x.shape, x.dtype, (x, m), inplace_ok=x)
     want = codes is not None
     if want:
         if not isinstance(codes, np.ndarray):
