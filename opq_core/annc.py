@@ -1060,13 +1060,16 @@ class QuantResult:
 
 def quantize_projection(weights: Mapping, masks: Mapping, budget_bits, *, bits=BITS,
                         exact_max: int = 2048, max_iter: int = 50,
-                        method: str = "auto") -> QuantResult:
+                        method: str = "auto", layer_bits=None) -> QuantResult:
     """ANNC's quantization projection: per-layer codebooks and bit-widths under the budget.
 
     For every layer and every candidate ``b``, :func:`kmeans_zero_anchored` on the kept
     weights gives ``E[l, b]`` and a codebook; :func:`choose_bits` then picks one ``b`` per
     layer with ``sum_l kept_l b_l <= budget_bits``. A layer with nothing kept gets the
     codebook ``[1.0]`` and the smallest ``b`` (it costs nothing).
+
+    ``layer_bits`` (int / sequence / mapping, optional): fix every layer's bit-width
+    instead of choosing it (each must be one of ``bits``; ``choice.method == "fixed"``).
 
     Examples
     --------
@@ -1081,6 +1084,13 @@ def quantize_projection(weights: Mapping, masks: Mapping, budget_bits, *, bits=B
         raise ValueError(f"bits must be integers in 1..8, got {bits!r}")
     ms = _check_masks(masks, names, shapes)
     L = len(names)
+    fixed = None
+    if layer_bits is not None:
+        fixed = _per_layer_int(layer_bits, names, "layer_bits", 1, 8)
+        for i, n in enumerate(names):
+            if int(fixed[i]) not in choices:
+                raise ValueError(f"layer_bits[{n!r}]={int(fixed[i])} is not one of the "
+                                 f"candidate bits {choices}")
     E = np.zeros((L, len(choices)))
     books = []
     kept = np.zeros(L, np.int64)
@@ -1095,10 +1105,19 @@ def quantize_projection(weights: Mapping, masks: Mapping, budget_bits, *, bits=B
         r = kmeans_zero_anchored(v, choices, exact_max=exact_max, max_iter=max_iter)
         E[i] = r.errors
         books.append(r.codebooks)
-    try:
-        ch = choose_bits(E, kept, budget_bits, bits=choices, method=method)
-    except ValueError as exc:
-        raise ValueError(f"masks: {exc}") from None
+    if fixed is not None:
+        S = _check_budget(budget_bits)
+        cost = int((fixed * kept).sum())
+        if cost > S:
+            raise ValueError(f"layer_bits: the masks at these bit-widths cost {cost} bits, "
+                             f"above budget_bits={budget_bits!r}")
+        err = float(sum(E[i, choices.index(int(fixed[i]))] for i in range(L)))
+        ch = BitChoice(fixed.copy(), err, cost, S, "fixed", err, 0.0)
+    else:
+        try:
+            ch = choose_bits(E, kept, budget_bits, bits=choices, method=method)
+        except ValueError as exc:
+            raise ValueError(f"masks: {exc}") from None
     cbs = {n: books[i][choices.index(int(ch.bits[i]))] for i, n in enumerate(names)}
     return QuantResult(tuple(names), ch.bits, cbs, E, kept, choices, ch)
 
@@ -1179,9 +1198,10 @@ def _lagrangian_bits(flats, tau, per_weight, choices):
     return out
 
 
-def project(weights: Mapping, budget_bits, *, bits=None, iterations: int = 3,
-            exact_max: int = 2048, max_iter: int = 50, method: str = "auto") -> Projection:
-    """The joint projection: pruning and quantization projections, bit-widths re-priced.
+def project(weights: Mapping, budget_bits, *, bits=None, freeze_bits: bool = False,
+            iterations: int = 3, exact_max: int = 2048, max_iter: int = 50,
+            method: str = "auto") -> Projection:
+    r"""The joint projection: pruning and quantization projections, bit-widths re-chosen.
 
     Each round prunes with the current bit-widths (:func:`prune_to_budget`, whose cut
     density ``tau`` is the error a bit buys at the margin) and quantizes the kept weights
@@ -1189,11 +1209,20 @@ def project(weights: Mapping, budget_bits, *, bits=None, iterations: int = 3,
     for these masks). The fixed-mask knapsack alone would never trade bits for weights, so
     between rounds every layer re-chooses its bit-width by the Lagrangian
     ``pruning error + quantization error + tau * bits`` (per-weight quantization errors from
-    the k-means table). The round with the smallest total error (pruning + quantization)
+    the k-means table). The round with the smallest total error
+
+    .. math:: \sum_{\text{pruned}} w^2 + \sum_l E_l(b_l)
+
     is returned; every round fits ``budget_bits``.
 
-    ``bits`` (int / sequence / mapping): the bit-widths of the first round; default
-    ``min(8, budget_bits // layers)``.
+    The rounds start from ``min(8, budget_bits // layers)`` bits in every layer (a cold
+    start). With ``bits`` (int / sequence / mapping), for instance the bit-widths of the
+    previous ADMM projection, the rounds also run from ``bits`` (a warm start) and the
+    better of the two is returned: every layer stays free to change its bit-width, and
+    the result is never worse than either start alone.
+
+    ``freeze_bits=True`` (needs ``bits``) keeps ``bits`` exactly: one pruning projection
+    at these bit-widths and the k-means codebooks at these bit-widths, no re-choice.
 
     >>> rng = np.random.default_rng(0)
     >>> w = {"a": rng.laplace(size=(8, 16)), "b": rng.laplace(size=(4, 8))}
@@ -1203,31 +1232,47 @@ def project(weights: Mapping, budget_bits, *, bits=None, iterations: int = 3,
     """
     names, flats, shapes = _layers(weights)
     S = _check_budget(budget_bits)
-    if bits is None:
-        b0 = max(1, min(8, S // max(len(names), 1)))
-        cur = np.full(len(names), b0, np.int64)
-    else:
-        cur = _per_layer_int(bits, names, "bits", 1, 8)
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    if not isinstance(freeze_bits, (bool, np.bool_)):
+        raise TypeError(f"freeze_bits must be True or False, got {freeze_bits!r}")
     ws = {n: f.reshape(s) for n, f, s in zip(names, flats, shapes)}
-    best = None
-    seen = set()
-    for it in range(iterations):
-        key = tuple(int(x) for x in cur)
-        if key in seen:
-            break
-        seen.add(key)
+    if freeze_bits:
+        if bits is None:
+            raise ValueError("freeze_bits=True needs bits (the bit-widths to keep)")
+        cur = _per_layer_int(bits, names, "bits", 1, 8)
         pr = prune_to_budget(ws, cur, S)
         q = quantize_projection(ws, pr.masks, S, exact_max=exact_max, max_iter=max_iter,
-                                method=method)
-        total = float(pr.pruning_error.sum()) + q.choice.error
-        if best is None or total < best[0]:
-            best = (total, pr, q)
-        if it + 1 < iterations:
-            per_weight = q.errors / np.maximum(q.kept, 1)[:, None]
-            cur = _lagrangian_bits(flats, pr.threshold, per_weight, q.bits_choices)
-    _, pr, q = best
+                                layer_bits=cur)
+    else:
+        cold = np.full(len(names), max(1, min(8, S // max(len(names), 1))), np.int64)
+        starts = [cold]
+        if bits is not None:
+            warm = _per_layer_int(bits, names, "bits", 1, 8)
+            if not np.array_equal(warm, cold):
+                starts.insert(0, warm)
+        best = None
+        done = {}  # bit-widths -> (pruning, quantization), shared by the starts
+        for cur in starts:
+            path = set()
+            for it in range(iterations):
+                key = tuple(int(x) for x in cur)
+                if key in path:
+                    break
+                path.add(key)
+                if key not in done:
+                    pr = prune_to_budget(ws, cur, S)
+                    q = quantize_projection(ws, pr.masks, S, exact_max=exact_max,
+                                            max_iter=max_iter, method=method)
+                    done[key] = (pr, q)
+                    total = float(pr.pruning_error.sum()) + q.choice.error
+                    if best is None or total < best[0]:
+                        best = (total, pr, q)
+                pr, q = done[key]
+                if it + 1 < iterations:
+                    per_weight = q.errors / np.maximum(q.kept, 1)[:, None]
+                    cur = _lagrangian_bits(flats, pr.threshold, per_weight, q.bits_choices)
+        _, pr, q = best
     return Projection(tuple(names), pr.masks, q.codebooks,
                       {n: int(q.bits[i]) for i, n in enumerate(names)},
                       {n: int(q.kept[i]) for i, n in enumerate(names)}, S, q.errors, pr, q)

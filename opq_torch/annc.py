@@ -115,7 +115,11 @@ class ANNC:
         ADMM penalty :math:`\rho > 0`.
     rho_growth : float
         :math:`\rho` is multiplied by this after every projection (``>= 1``; the scaled
-        dual is rescaled accordingly).
+        dual is rescaled accordingly), up to ``rho_max``.
+    rho_max : float, optional
+        Cap on :math:`\rho`; default ``0.1 / lr``, so that the proximal step never pulls
+        the weights more than 10 % of the way to ``V - U`` in one step (a larger pull pins
+        the weights to the projection and stops the loss from moving them).
     lr : float
         :math:`\eta` of the proximal step (usually the optimizer's learning rate).
     project_every : int, optional
@@ -123,6 +127,11 @@ class ANNC:
         :func:`compress_annc` knows the epoch length, else 100.
     iterations : int
         Prune / quantize alternations inside one projection.
+    freeze_bits : bool
+        ``False`` (default): every projection re-chooses every layer's bit-width jointly
+        with the masks (:func:`opq_core.annc.project`, warm-started from the previous
+        bit-widths); ``True``: the bit-widths of the first projection are kept to the end
+        (masks and codebooks still change).
     exclude : sequence of str
         Module or weight names to leave alone.
 
@@ -134,8 +143,9 @@ class ANNC:
     """
 
     def __init__(self, model, *, rate=None, budget_bits=None, rho: float = 2.0,
-                 rho_growth: float = 1.3, lr: float = 0.01, project_every: int | None = None,
-                 iterations: int = 3, exclude=()):
+                 rho_growth: float = 1.3, rho_max: float | None = None, lr: float = 0.01,
+                 project_every: int | None = None, iterations: int = 3,
+                 freeze_bits: bool = False, exclude=()):
         if not isinstance(model, nn.Module):
             raise TypeError(f"ANNC: model must be a torch.nn.Module, got {type(model).__name__}")
         if is_compressed(model):
@@ -147,6 +157,14 @@ class ANNC:
         if isinstance(rho_growth, bool) or not isinstance(rho_growth, (int, float)) \
                 or not math.isfinite(rho_growth) or rho_growth < 1.0:
             raise ValueError(f"ANNC: rho_growth must be a finite number >= 1, got {rho_growth!r}")
+        if rho_max is None:
+            rho_max = max(float(rho), 0.1 / float(lr))
+        elif isinstance(rho_max, bool) or not isinstance(rho_max, (int, float)) \
+                or not math.isfinite(rho_max) or rho_max < rho:
+            raise ValueError(f"ANNC: rho_max must be a finite number >= rho={rho!r}, "
+                             f"got {rho_max!r}")
+        if not isinstance(freeze_bits, bool):
+            raise TypeError(f"ANNC: freeze_bits must be True or False, got {freeze_bits!r}")
         if project_every is not None and (isinstance(project_every, bool) or not isinstance(
                 project_every, int) or project_every < 1):
             raise ValueError(f"ANNC: project_every must be an integer >= 1, got {project_every!r}")
@@ -163,6 +181,8 @@ class ANNC:
         self.rate = rate
         self.rho = float(rho)
         self.rho_growth = float(rho_growth)
+        self.rho_max = float(rho_max)
+        self.freeze_bits = freeze_bits
         self.lr = float(lr)
         self.project_every = project_every
         self.iterations = int(iterations)
@@ -191,9 +211,13 @@ class ANNC:
         with torch.no_grad():
             return {n: _np(p + self.U[n] if plus_dual else p) for n, p in self.params.items()}
 
-    def _project(self):
-        proj = project(self._weights(True), self.budget_bits, bits=self._bits,
+    def _projection(self, weights):
+        return project(weights, self.budget_bits, bits=self._bits,
+                       freeze_bits=self.freeze_bits and self._bits is not None,
                        iterations=self.iterations)
+
+    def _project(self):
+        proj = self._projection(self._weights(True))
         self._bits = proj.bits
         V = proj.apply(self._weights(True))
         num = 0.0
@@ -226,8 +250,8 @@ class ANNC:
             with torch.no_grad():
                 for n, p in self.params.items():
                     self.U[n].add_(p - self.V[n])
-                g = self.rho_growth
-                if g != 1.0:
+                g = min(self.rho_growth, self.rho_max / self.rho)
+                if g > 1.0:
                     self.rho *= g
                     for u in self.U.values():
                         u.div_(g)
@@ -255,7 +279,7 @@ class ANNC:
         if self.plan is not None:
             raise ValueError("ANNC.finalize: already finalized")
         W = self._weights(False)
-        proj = project(W, self.budget_bits, bits=self._bits, iterations=self.iterations)
+        proj = self._projection(W)
         plan = annc_plan(W, proj.masks, proj.codebooks, proj.bits, budget_bits=self.budget_bits)
         planned = set(plan.names)
         plan = replace(plan, skipped=tuple(k for k in self.model.state_dict()
@@ -299,7 +323,8 @@ class ANNCResult:
 def compress_annc(model, train_loader, *, rate=None, budget_bits=None, epochs_admm: int = 5,
                   epochs_finetune: int = 5, lr: float = 0.01, momentum: float = 0.9,
                   weight_decay: float = 0.0, rho: float = 2.0, rho_growth: float = 1.3,
-                  project_every: int | None = None, iterations: int = 3, eval_loader=None,
+                  rho_max: float | None = None, project_every: int | None = None,
+                  iterations: int = 3, freeze_bits: bool = False, eval_loader=None,
                   device=None, exclude=(), progress: bool = True,
                   path=None) -> ANNCResult:
     """ANNC in one call: ADMM for ``epochs_admm`` epochs, finalize, fine-tune.
@@ -321,7 +346,8 @@ def compress_annc(model, train_loader, *, rate=None, budget_bits=None, epochs_ad
     if device is not None:
         model.to(device)
     annc = ANNC(model, rate=rate, budget_bits=budget_bits, rho=rho, rho_growth=rho_growth,
-                lr=lr, project_every=project_every, iterations=iterations, exclude=exclude)
+                rho_max=rho_max, lr=lr, project_every=project_every, iterations=iterations,
+                freeze_bits=freeze_bits, exclude=exclude)
     annc.attach_loader(train_loader)
     admm = History(())
     if epochs_admm:

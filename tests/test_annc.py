@@ -412,3 +412,61 @@ def test_annc_plan_validation():
         annc_plan(w, m, {"fc": [-1.0, 1.0]}, {"fc": 0})
     p = annc_plan(w, m, {"fc": [-1.0, 1.0]}, {"fc": 1}, budget_bits=1)
     assert not p.success and p.status == 2 and "exceeds" in p.message
+
+
+def _joint_error(p, w):
+    """Pruning + quantization error of a projection, from the projected weights."""
+    V = p.apply(w)
+    return sum(float(np.sum((w[n] - V[n]) ** 2)) for n in p.names)
+
+
+def test_project_rechooses_bits_when_weights_change_and_freeze_keeps_them():
+    rng = np.random.default_rng(0)
+    two = np.where(rng.random((16, 16)) < 0.5, -1.0, 1.0)  # exact at 1 bit
+    spread = rng.normal(size=(16, 16))                      # wants many bits
+    S = 2 * 256 * 3
+    p1 = project({"a": two, "b": spread}, S)
+    assert p1.bits["a"] < p1.bits["b"]
+    # the layers swap roles: warm-started from p1's bits, the bits follow the weights
+    w2 = {"a": spread, "b": two}
+    p2 = project(w2, S, bits=p1.bits)
+    assert p2.bits["a"] > p2.bits["b"]
+    # frozen: exactly the given bit-widths, and a worse projection
+    p3 = project(w2, S, bits=p1.bits, freeze_bits=True)
+    assert p3.bits == p1.bits and p3.quant.choice.method == "fixed"
+    assert _joint_error(p2, w2) < _joint_error(p3, w2)
+    for p, w in ((p1, {"a": two, "b": spread}), (p2, w2), (p3, w2)):
+        counted = sum(int(p.masks[n].sum()) * p.bits[n] for n in p.names)
+        assert counted == p.size_bits <= S
+        assert all(cb.size <= 2 ** p.bits[n] for n, cb in p.codebooks.items())
+    with pytest.raises(ValueError, match="freeze_bits=True needs bits"):
+        project(w2, S, freeze_bits=True)
+
+
+def _total(p):
+    """The objective the projection minimizes: pruning error + k-means error table."""
+    return float(p.prune.pruning_error.sum()) + p.quant.choice.error
+
+
+def test_project_warm_start_never_worse_than_cold_start():
+    rng = np.random.default_rng(3)
+    for _ in range(6):
+        w = {f"l{i}": rng.laplace(size=(6, 12)) * rng.uniform(0.2, 3) for i in range(3)}
+        S = int(rng.integers(150, 900))
+        cold = project(w, S)
+        for start in (1, 8, (1, 4, 8)):
+            warm = project(w, S, bits=start)
+            assert warm.size_bits <= S
+            assert _total(warm) <= _total(cold)
+
+
+def test_quantize_projection_layer_bits():
+    w = {"a": np.array([[-1.0, 0.5, 0.6, 2.0]]), "b": np.array([[0.1, 0.2, 0.3, 0.4]])}
+    m = {k: np.ones(v.shape, bool) for k, v in w.items()}
+    q = quantize_projection(w, m, 12, layer_bits={"a": 1, "b": 2})
+    assert q.bits.tolist() == [1, 2] and q.choice.method == "fixed" and q.size_bits == 12
+    assert q.codebooks["a"].size <= 2 and q.codebooks["b"].size <= 4
+    with pytest.raises(ValueError, match="layer_bits.*above budget_bits=11"):
+        quantize_projection(w, m, 11, layer_bits={"a": 1, "b": 2})
+    with pytest.raises(ValueError, match=r"layer_bits\['a'\]=3 is not one of"):
+        quantize_projection(w, m, 100, bits=(1, 2), layer_bits=3)

@@ -171,3 +171,53 @@ def test_cuda_driver():
         latent = mod.parametrizations.weight.original.detach().cpu().numpy()
         assert np.array_equal(fake_quant_codebook(latent, masks[lp.name], lp.codebook),
                               eff[lp.name])
+
+
+def _count_V(annc, bits):
+    """Bits of the projected copy V, counted from its non-zeros."""
+    return sum(int((annc.V[n] != 0).sum()) * bits[n] for n in annc.params)
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_bits_rechosen_between_projections_budget_after_each(freeze):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False),
+                                torch.nn.Linear(16, 16, bias=False))
+    a, b = model[0].weight, model[1].weight
+    two = torch.where(torch.rand(16, 16) < 0.5, -1.0, 1.0)
+    spread = torch.randn(16, 16)
+    with torch.no_grad():
+        a.copy_(two), b.copy_(spread)
+    S = 2 * 256 * 3
+    annc = ANNC(model, budget_bits=S, project_every=1, lr=1e-9, rho_growth=1.0,
+                freeze_bits=freeze)
+    first = annc.records[-1].bits
+    assert first["0.weight"] < first["1.weight"]
+    assert annc.records[-1].size_bits == _count_V(annc, first) <= S
+    with torch.no_grad():  # the layers swap roles: layer 0 now needs the bits
+        a.copy_(spread), b.copy_(two)
+        for u in annc.U.values():
+            u.zero_()
+    annc.step()
+    second = annc.records[-1].bits
+    assert annc.records[-1].size_bits == _count_V(annc, second) <= S
+    if freeze:
+        assert second == first
+    else:
+        assert second["0.weight"] > second["1.weight"]
+    plan = annc.finalize()
+    assert {lp.name: lp.bits for lp in plan.layers} == second
+    check_compressed(model, plan, S)
+
+
+def test_rho_growth_is_capped():
+    model = net(4)
+    annc = ANNC(model, rate=20, rho=2.0, rho_growth=2.0, lr=0.01, project_every=1)
+    for _ in range(6):
+        annc.step()
+    assert annc.rho == pytest.approx(10.0) == annc.rho_max  # default 0.1 / lr
+    assert annc.lr * max(r.rho for r in annc.records) <= 0.1 + 1e-12
+    with pytest.raises(ValueError, match="rho_max must be a finite number >= rho=2.0"):
+        ANNC(net(4), rate=20, rho=2.0, rho_max=1.0)
+    with pytest.raises(TypeError, match="freeze_bits must be True or False"):
+        ANNC(net(4), rate=20, freeze_bits=1)
