@@ -1643,39 +1643,6 @@ def mask_coding_cost(mask):
 
 
 @jit()
-def _kept_block(cd, m, lo, hi, kmax):
-    """Kept count of a block and the number of positions where codes and mask disagree
-    (or a code is out of range)."""
-    c = 0
-    bad = 0
-    cc = cd[lo:hi]
-    mm = m[lo:hi]
-    for j in range(cc.shape[0]):
-        ci = np.int64(cc[j])
-        k = abs(ci)
-        keep = mm[j]
-        c += 1 if keep else 0
-        bad += 1 if (keep != (ci != 0) or k > kmax) else 0
-    return c, bad
-
-
-@jit()
-def _kept_count(cd, m, kmax, cnt, bad):
-    n = m.shape[0]
-    for b in range(cnt.shape[0]):
-        lo = b * _BLOCK
-        cnt[b], bad[b] = _kept_block(cd, m, lo, min(lo + _BLOCK, n), kmax)
-
-
-@jit(parallel=True)
-def _kept_count_par(cd, m, kmax, cnt, bad):
-    n = m.shape[0]
-    for b in prange(cnt.shape[0]):
-        lo = b * _BLOCK
-        cnt[b], bad[b] = _kept_block(cd, m, lo, min(lo + _BLOCK, n), kmax)
-
-
-@jit()
 def _count_block(m, lo, hi):
     c = 0
     mm = m[lo:hi]
@@ -1701,41 +1668,61 @@ def _mask_count_par(m, cnt):
 
 
 @jit()
-def _compact_block(cd, m, lo, hi, at, cnt, kbits, sym):
-    """Symbols of the ``cnt`` kept codes of elements [lo, hi) into ``sym[at:at + cnt]``.
+def _compact_block(cd, m, lo, hi, at, cnt, kbits, kmax, sym, tmp):
+    """Symbols of the ``cnt`` kept codes of elements [lo, hi) into ``sym[at:at + cnt]``;
+    returns the number of positions where codes and mask disagree (or a code is out of
+    range).
 
-    Branch-free: every element's symbol is stored at the running position, which only
-    advances on kept ones; the loop stops at the block's last kept element, so no store
-    leaves the block's own range. ``m`` is the mask viewed as uint8: on a bool array LLVM
-    knows the values are 0/1 and turns the arithmetic back into (mispredicted) branches.
+    Two loops: the first maps every code to its symbol in ``tmp`` (a block-sized scratch
+    array) and counts bad positions, which vectorizes; the second moves ``tmp`` into
+    ``sym`` branch-free: every symbol is stored at the running position, which only
+    advances on kept ones, and the loop stops at the block's last kept element, so no
+    store leaves the block's own range (``cnt`` comes from the mask). ``m`` is the mask
+    viewed as uint8: on a bool array LLVM knows the values are 0/1 and turns the
+    arithmetic back into (mispredicted) branches.
     """
     cc = cd[lo:hi]
     mm = m[lo:hi]
+    nn = cc.shape[0]
+    t = tmp[:nn]
+    bad = 0
+    for j in range(nn):
+        ci = np.int32(cc[j])
+        neg = 1 if ci < 0 else 0
+        k = ci if ci >= 0 else -ci
+        t[j] = np.uint8(((k - 1) | (neg << kbits)) & 0xFF)
+        keep = 1 if mm[j] != 0 else 0
+        nz = 1 if ci != 0 else 0
+        bad += (keep ^ nz) | (1 if k > kmax else 0)
     ss = sym[at:at + cnt]
-    last = cc.shape[0] - 1
+    last = nn - 1
     while last >= 0 and mm[last] == 0:
         last -= 1
     k = 0
     for j in range(last + 1):
-        ci = np.int64(cc[j])
-        ss[k] = ((abs(ci) - 1) | ((1 if ci < 0 else 0) << kbits)) & 0xFF
-        k += np.int64(mm[j])
+        ss[k] = t[j]
+        k += np.intp(mm[j])
+    return bad
 
 
 @jit()
-def _compact(cd, m, offsets, cnt, kbits, sym):
+def _compact(cd, m, offsets, cnt, kbits, kmax, sym, bad):
     n = m.shape[0]
+    tmp = np.empty(_BLOCK, np.uint8)
     for b in range(offsets.shape[0]):
         lo = b * _BLOCK
-        _compact_block(cd, m, lo, min(lo + _BLOCK, n), offsets[b], cnt[b], kbits, sym)
+        bad[b] = _compact_block(cd, m, lo, min(lo + _BLOCK, n), offsets[b], cnt[b], kbits,
+                                kmax, sym, tmp)
 
 
 @jit(parallel=True)
-def _compact_par(cd, m, offsets, cnt, kbits, sym):
+def _compact_par(cd, m, offsets, cnt, kbits, kmax, sym, bad):
     n = m.shape[0]
     for b in prange(offsets.shape[0]):
         lo = b * _BLOCK
-        _compact_block(cd, m, lo, min(lo + _BLOCK, n), offsets[b], cnt[b], kbits, sym)
+        tmp = np.empty(_BLOCK, np.uint8)
+        bad[b] = _compact_block(cd, m, lo, min(lo + _BLOCK, n), offsets[b], cnt[b], kbits,
+                                kmax, sym, tmp)
 
 
 @jit()
@@ -1805,7 +1792,12 @@ def pack_codes(codes, mask, bits, *, layer=None):
     cnt = np.empty(nb, np.int64)
     bad = np.empty(nb, np.int64)
     par = _use_parallel(n)
-    (_kept_count_par if par else _kept_count)(cf, mf, kmax, cnt, bad)
+    (_mask_count_par if par else _mask_count)(mf, cnt)
+    offsets = np.cumsum(cnt) - cnt
+    n_kept = int(cnt.sum())
+    sym = np.empty(n_kept, dtype=np.uint8)
+    (_compact_par if par else _compact)(cf, mf.view(np.uint8), offsets, cnt, b - 1, kmax, sym,
+                                        bad)
     if bad.any():
         ci = cf.astype(np.int64)
         wrong = (mf != (ci != 0)) | (np.abs(ci) > kmax)
@@ -1813,10 +1805,6 @@ def pack_codes(codes, mask, bits, *, layer=None):
         raise ValueError(f"{fn}: codes{_index(cd.shape, i)} = {int(cf[i])} with "
                          f"mask{_index(cd.shape, i)} = {bool(mf[i])}: codes must be nonzero "
                          f"exactly where mask is True, with |code| <= {kmax} for bits={b}")
-    offsets = np.cumsum(cnt) - cnt
-    n_kept = int(cnt.sum())
-    sym = np.empty(n_kept, dtype=np.uint8)
-    (_compact_par if par else _compact)(cf, mf.view(np.uint8), offsets, cnt, b - 1, sym)
     out = np.empty(_packed_len(n_kept, b), dtype=np.uint8)
     (_pack_bits_par if _use_parallel(n_kept) else _pack_bits)(sym, out, b)
     return out
