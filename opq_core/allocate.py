@@ -380,30 +380,12 @@ def _clip(s: str, n: int) -> str:
 # kernels used by the solver
 # ---------------------------------------------------------------------------
 
-@jit(parallel=True)
-def _scores_rows(x, qrow, dead, out):
-    # out[c, j] = x[c, j]^2 - qrow[c]; dead channels -> -inf
-    for c in prange(x.shape[0]):
-        if dead[c]:
-            for j in range(x.shape[1]):
-                out[c, j] = -np.inf
-        else:
-            q = qrow[c]
-            for j in range(x.shape[1]):
-                v = np.float64(x[c, j])
-                out[c, j] = v * v - q
-
-
 def layer_scores(w: np.ndarray, q_c: np.ndarray, dead: np.ndarray) -> np.ndarray:
-    """Flat float64 scores ``w^2 - q_c`` of one layer; ``-inf`` in dead channels."""
-    m = as_matrix(np.asarray(w))
-    if m.dtype == np.float16:
-        m = m.astype(np.float32)
-    out = np.empty(m.shape, dtype=np.float64)
-    if m.size:
-        _scores_rows(np.ascontiguousarray(m), np.ascontiguousarray(q_c, dtype=np.float64),
-                     np.ascontiguousarray(dead, dtype=np.bool_), out)
-    return out.reshape(-1)
+    """Flat float64 scores ``w^2 - q_c`` of one layer; ``-inf`` in dead channels
+    (the kernel :func:`opq_core.kernels.scores`)."""
+    from .kernels import scores
+    return scores(np.asarray(w), np.asarray(q_c, dtype=np.float64),
+                  np.asarray(dead, dtype=np.bool_))
 
 
 def score_layer(w, score_q: float, channel_scale) -> np.ndarray:

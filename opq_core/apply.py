@@ -10,20 +10,13 @@ __all__ = ["layer_mask", "layer_mask_from", "apply_layer"]
 
 def layer_mask_from(score: np.ndarray, lam: float, kept: int, name: str = "?") -> np.ndarray:
     """Flat mask keeping every score > lam, then the first (flat order) ties == lam up
-    to exactly ``kept`` kept entries."""
-    score = np.asarray(score).reshape(-1)
-    mask = score > lam
-    have = int(np.count_nonzero(mask))
-    if have > kept:
-        raise ValueError(f"layer {name!r}: {have} scores exceed lam={lam!r} but the plan keeps "
-                         f"{kept} (weights differ from the planned ones?)")
-    if have < kept:
-        ties = np.flatnonzero(score == lam)
-        if ties.size < kept - have:
-            raise ValueError(f"layer {name!r}: cannot keep {kept} weights at lam={lam!r} "
-                             f"(weights differ from the planned ones?)")
-        mask[ties[:kept - have]] = True
-    return mask
+    to exactly ``kept`` kept entries (the kernel :func:`opq_core.kernels.mask_from_scores`)."""
+    from .kernels import mask_from_scores
+    score = np.asarray(score, dtype=np.float64).reshape(-1)
+    try:
+        return mask_from_scores(score, lam, kept)
+    except ValueError as exc:
+        raise ValueError(f"layer {name!r}: {exc} (weights differ from the planned ones?)") from None
 
 
 def layer_mask(lp, w) -> np.ndarray:
