@@ -234,10 +234,12 @@ def test_kmeans_optimal_vs_exhaustive(seed, n, b):
     assert r.errors[0] == pytest.approx(opt, rel=1e-9, abs=1e-12)
     c = r.codebooks[0]
     assert c.size <= 2 ** b and np.all(c != 0) and np.all(np.diff(c) > 0)
-    # the codebook's own projection error matches (centroids are float32-rounded means)
+    # quantizing with the codebook (nearest centroid, which may cross zero where the
+    # sign-pure clustering may not) can only do better than the clustering itself
+    # (centroids are float32-rounded means, hence the tolerance)
     if np.all(v != 0):
         wh = fake_quant_codebook(v, np.ones(v.size, bool), c)
-        assert float(np.sum((v - wh) ** 2)) == pytest.approx(opt, rel=1e-5, abs=1e-9)
+        assert float(np.sum((v - wh) ** 2)) <= opt * (1 + 1e-5) + 1e-9
 
 
 @settings(max_examples=15, deadline=None, derandomize=True)
