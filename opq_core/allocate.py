@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
@@ -789,6 +790,14 @@ def _solve_sparsity(ctx: _Context, sparsity: float, bits: int):
     elif total_pruned != want:
         status = 1
         msg += "; all-zero channels are pruned whole, beyond the target"
+    emptied = [lp.name for lp, st in zip(layers, ctx.stats) if lp.kept == 0 and st.scale > 0]
+    if emptied:
+        # the global rule may empty a layer whose weights are all small: legal, but it cuts
+        # the network's signal path, so say it (exclude= keeps such a layer dense)
+        names = ", ".join(emptied[:5]) + (f" and {len(emptied) - 5} more" if len(emptied) > 5 else "")
+        msg += f"; layers pruned entirely: {names}"
+        warnings.warn(f"plan: the global rule prunes every weight of {names}; exclude them "
+                      "or lower the sparsity to keep them", UserWarning, stacklevel=3)
     return layers, glam, status, msg
 
 

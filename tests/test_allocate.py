@@ -365,3 +365,12 @@ def test_lazy_file_source_gives_the_same_plan(tmp_path):
                 assert a.to_dict()["layers"] == b.to_dict()["layers"], (name, kw)
                 assert a.skipped == b.skipped == ("a.bias",)
 
+
+
+def test_a_layer_pruned_entirely_is_reported():
+    rng = np.random.default_rng(4)
+    w = {"big": rng.laplace(size=(64, 288)), "tiny": 1e-3 * rng.laplace(size=(10, 64))}
+    with pytest.warns(UserWarning, match="prunes every weight of tiny"):
+        p = plan(w, sparsity=0.9)
+    assert p["tiny"].kept == 0 and "layers pruned entirely: tiny" in p.message
+    assert p.status == 0  # the target is met exactly; the warning is advice
