@@ -174,7 +174,7 @@ class Selection:
     passes: int           # passes over the weights made by the band search
 
 
-def select_global(weights, qcs, s2s, deads, k: int, *, sample_size: int = 100_000,
+def select_global(weights, qcs, s2s, deads, k: int, *, sample_size: int | None = None,
                   margin: float = 0.002, sizes=None) -> Selection:
     """Prune exactly ``k`` weights of smallest score over all layers (see module doc).
 
@@ -197,6 +197,10 @@ def select_global(weights, qcs, s2s, deads, k: int, *, sample_size: int = 100_00
     if k > N:
         raise ValueError(f"k: cannot prune {k} of {N} weights")
     # 1. band from a stratified sample
+    if sample_size is None:
+        # 100k samples up to 25.6M weights, then N/256 (at most 4M): the candidate band,
+        # whose buffers are what the selection holds across layers, shrinks as sqrt(1/n)
+        sample_size = int(min(max(100_000, N // 256), 4_000_000))
     per = max(1, sample_size // max(L, 1))
     samples = [sample_scores(w, q, d, max(per, int(sample_size * s / N)))
                for w, q, d, s in zip(weights, qcs, deads, sizes)]
