@@ -27,6 +27,7 @@ from scipy import optimize
 
 from . import error_model as em
 from ._jit import jit, prange
+from .io import tensor_info
 from .stats import as_matrix, check_weight, layer_stats
 
 __all__ = ["LayerPlan", "Plan", "plan", "METHODS", "CHANNELWISE", "ERROR_MODELS"]
@@ -381,21 +382,15 @@ def _clip(s: str, n: int) -> str:
 # kernels used by the solver
 # ---------------------------------------------------------------------------
 
-def layer_scores(w: np.ndarray, q_c: np.ndarray, dead: np.ndarray) -> np.ndarray:
-    """Flat float64 scores ``w^2 - q_c`` of one layer; ``-inf`` in dead channels
-    (the kernel :func:`opq_core.kernels.scores`)."""
-    from .kernels import scores
-    return scores(np.asarray(w), np.asarray(q_c, dtype=np.float64),
-                  np.asarray(dead, dtype=np.bool_))
-
-
 def score_layer(w, score_q: float, channel_scale) -> np.ndarray:
     """Flat scores ``w^2 - score_q * s_c^2`` of one layer (``-inf`` where ``s_c = 0``).
 
-    The one definition used by the solver, by :meth:`Plan.masks` and by the tests.
+    The one definition used by the solver, by :meth:`Plan.masks` and by the tests
+    (computed by the kernel :func:`opq_core.kernels.scores`).
     """
+    from .kernels import scores
     s = np.asarray(channel_scale, dtype=np.float64)
-    return layer_scores(w, float(score_q) * (s * s), s <= 0)
+    return scores(np.asarray(w), float(score_q) * (s * s), s <= 0)
 
 
 def _kth_smallest(x: np.ndarray, k: int) -> float:
@@ -597,17 +592,6 @@ class _LazyList(Sequence):
         return len(self._names)
 
 
-def _tensor_info(weights, name):
-    """(ndim, dtype kind, size) of a tensor, from metadata when the source has it."""
-    info = getattr(weights, "tensor_info", None)
-    if info is not None:
-        shape, dtype = info(name)
-        return len(shape), np.dtype(dtype), int(np.prod(shape))
-    w = weights[name]
-    arr = w if hasattr(w, "ndim") and hasattr(w, "dtype") else np.asarray(w)
-    return arr.ndim, np.dtype(arr.dtype), int(np.prod(arr.shape))
-
-
 def _select_layers(weights, exclude):
     exclude = [] if exclude is None else list([exclude] if isinstance(exclude, str) else exclude)
     for name in exclude:
@@ -617,7 +601,8 @@ def _select_layers(weights, exclude):
     for name in weights:
         if not isinstance(name, str):
             raise TypeError(f"weights: layer names must be strings, got {name!r}")
-        ndim, dtype, size = _tensor_info(weights, name)
+        shape, dtype = tensor_info(weights, name)
+        ndim, size = len(shape), math.prod(int(d) for d in shape)
         if ndim >= 2 and dtype.kind != "f":
             raise TypeError(
                 f"weights[{name!r}]: a {ndim}-D tensor must be float16/32/64 to be "

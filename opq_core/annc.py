@@ -36,6 +36,7 @@ from typing import Mapping
 import numpy as np
 
 from ._jit import PARALLEL_MIN_SIZE, jit, prange
+from .apply import compute_dtype
 from .codebook import check_codebook, fake_quant_codebook
 
 __all__ = [
@@ -1161,7 +1162,7 @@ class Projection:
         out = {}
         for n in self.names:
             w = np.asarray(weights[n])
-            dt = w.dtype if w.dtype in (np.float32, np.float64) else np.float32
+            dt = compute_dtype(w.dtype)
             out[n] = fake_quant_codebook(w.astype(dt, copy=False), self.masks[n],
                                          self.codebooks[n], name=n).astype(w.dtype, copy=False)
         return out

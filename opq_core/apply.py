@@ -5,7 +5,14 @@ import numpy as np
 
 from .stats import as_matrix
 
-__all__ = ["layer_mask", "layer_mask_from", "apply_layer"]
+__all__ = ["layer_mask", "layer_mask_from", "apply_layer", "compute_dtype"]
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """The float dtype the kernels compute a layer in: float32/float64 as given, float16
+    (and anything else) in float32; results are cast back to the layer's dtype."""
+    dt = np.dtype(dtype)
+    return dt if dt in (np.float32, np.float64) else np.dtype(np.float32)
 
 
 def layer_mask_from(score: np.ndarray, lam: float, kept: int, name: str = "?") -> np.ndarray:
@@ -35,7 +42,7 @@ def apply_layer(lp, w, mask=None) -> np.ndarray:
             raise ValueError(f"layer {lp.name!r}: a codebook (ANNC) layer needs its stored mask; "
                              "pass masks=")
         mask = layer_mask(lp, w)
-    dtype = w.dtype if w.dtype in (np.float32, np.float64) else np.float32
+    dtype = compute_dtype(w.dtype)
     if lp.grid == "codebook":
         from .codebook import fake_quant_codebook
         out = fake_quant_codebook(w.astype(dtype, copy=False), np.asarray(mask, dtype=bool),

@@ -107,6 +107,12 @@ class _Subset(Mapping):
             raise KeyError(name)
         return self._w[name]
 
+    def tensor_info(self, name):
+        from .io import tensor_info
+        if name not in self._names:
+            raise KeyError(name)
+        return tensor_info(self._w, name)
+
     def __iter__(self):
         return iter(self._names)
 

@@ -60,6 +60,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .apply import compute_dtype
+
 __all__ = ["FORMAT_VERSION", "LAYOUTS", "write_opq", "read_opq", "compress_weights",
            "layer_codes", "decode_layer", "CompressedFile", "LayerRecord", "OpqFormatError"]
 
@@ -278,17 +280,6 @@ def _code_dtype(lp):
     return np.int16 if _is_codebook(lp) else code_dtype(lp.bits)
 
 
-def _safe_scale(lp) -> np.ndarray:
-    # all-zero ("dead") channels have scale 0: they hold no kept weight, any positive
-    # scale decodes them to 0.0
-    return lp.kernel_scale
-
-
-def _compute_dtype(dtype) -> np.dtype:
-    dt = np.dtype(dtype)
-    return dt if dt in (np.float32, np.float64) else np.dtype(np.float32)
-
-
 def layer_codes(lp, w, mask) -> np.ndarray:
     """Integer codes of one layer (``0`` = pruned) from its latent weights and mask.
 
@@ -306,29 +297,29 @@ def layer_codes(lp, w, mask) -> np.ndarray:
     kept = int(np.count_nonzero(m))
     if kept != lp.kept:
         raise ValueError(f"masks[{lp.name!r}]: keeps {kept} weights, the plan keeps {lp.kept}")
-    x = np.ascontiguousarray(w, dtype=_compute_dtype(w.dtype))
+    x = np.ascontiguousarray(w, dtype=compute_dtype(w.dtype))
     codes = np.zeros(lp.shape, dtype=_code_dtype(lp))
     if _is_codebook(lp):
         from .codebook import fake_quant_codebook
         fake_quant_codebook(x, m, lp.codebook, codes=codes, name=lp.name)
     else:
         from .kernels import fake_quant
-        th = np.where(lp.channel_scale > 0, lp.thresholds, 0.0)
-        fake_quant(x, m, _safe_scale(lp), th, lp.step, lp.bits, lp.grid, codes=codes)
+        fake_quant(x, m, lp.kernel_scale, lp.thresholds, lp.step, lp.bits, lp.grid,
+                   codes=codes, layer=lp.name)
     return codes
 
 
 def decode_layer(lp, codes) -> np.ndarray:
     """Dense weights (dtype of the plan's layer) from codes: the plan's fake-quant weights."""
     dt = np.dtype(lp.dtype)
-    cdt = _compute_dtype(dt)
+    cdt = compute_dtype(dt)
     if _is_codebook(lp):
         from .codebook import dequantize_codebook
         out = dequantize_codebook(codes, lp.codebook, cdt, name=lp.name)
     else:
         from .kernels import dequantize
-        th = np.where(lp.channel_scale > 0, lp.thresholds, 0.0)
-        out = dequantize(codes, _safe_scale(lp), th, lp.step, lp.bits, lp.grid, dtype=cdt)
+        out = dequantize(codes, lp.kernel_scale, lp.thresholds, lp.step, lp.bits, lp.grid,
+                         dtype=cdt, layer=lp.name)
     return out.astype(dt, copy=False)
 
 
@@ -615,8 +606,8 @@ def _plan_header(plan) -> dict:
     return d
 
 
-def _np_dtype_name(a) -> str:
-    name = np.dtype(a.dtype).name
+def _np_dtype_name(dtype) -> str:
+    name = np.dtype(dtype).name
     if name not in _ST_DTYPES:
         raise TypeError(f"other: tensor dtype {name} cannot be stored in a .opq file")
     return name
@@ -664,7 +655,7 @@ def write_opq(path, plan, weights: Mapping | None = None, *, codes: Mapping | No
         \\text{storage\\_rate} = \\frac{4 N}{\\text{bytes of the compressed layers in the file}}
     """
     from .allocate import Plan
-    from .io import atomic_write
+    from .io import atomic_write, tensor_info
     if not isinstance(plan, Plan):
         raise TypeError(f"plan: expected an opq_core.Plan, got {type(plan).__name__}")
     if layout not in LAYOUTS:
@@ -717,9 +708,9 @@ def write_opq(path, plan, weights: Mapping | None = None, *, codes: Mapping | No
     entries = []  # (key, dtype, shape, nbytes, source)
     others = []
     for name in other:
-        a = other[name]
-        shape = tuple(int(s) for s in np.shape(a))
-        dt = _np_dtype_name(np.asarray(a) if not hasattr(a, "dtype") else a)
+        shape, dtype = tensor_info(other, name)  # metadata only: the data is read once, below
+        shape = tuple(int(s) for s in shape)
+        dt = _np_dtype_name(dtype)
         nbytes = int(np.prod(shape)) * np.dtype(dt).itemsize
         others.append((name, _ST_DTYPES[dt], shape, nbytes, ("other", name)))
     others.sort(key=lambda e: -np.dtype(_NP_DTYPES[e[1]]).itemsize)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["open_weights", "load_weights", "save_weights", "atomic_write", "FORMATS"]
+__all__ = ["open_weights", "load_weights", "save_weights", "atomic_write", "tensor_info",
+           "FORMATS"]
 
 FORMATS = {".npz": "npz", ".safetensors": "safetensors", ".pt": "pt", ".pth": "pt",
            ".bin": "pt", ".onnx": "onnx"}
@@ -32,10 +33,11 @@ def _format_of(path, argument="path") -> str:
 class LazyWeights(Mapping):
     """Read-only mapping name -> np.ndarray that loads each tensor on access."""
 
-    def __init__(self, names, loader, path, fmt, closer=None):
+    def __init__(self, names, loader, path, fmt, closer=None, info=None):
         self._names = list(names)
         self._set = set(self._names)
         self._loader = loader
+        self._info = info
         self.path = str(path)
         self.format = fmt
         self._closer = closer
@@ -44,6 +46,16 @@ class LazyWeights(Mapping):
         if name not in self._set:
             raise KeyError(name)
         return self._loader(name)
+
+    def tensor_info(self, name) -> tuple:
+        """``(shape, dtype)`` of a tensor, from the file's metadata when it has them
+        (safetensors header, .npy headers of an .npz) instead of reading the data."""
+        if name not in self._set:
+            raise KeyError(name)
+        if self._info is not None:
+            return self._info(name)
+        a = self._loader(name)
+        return tuple(a.shape), np.dtype(a.dtype)
 
     def __iter__(self):
         return iter(self._names)
@@ -76,13 +88,13 @@ def open_weights(path) -> LazyWeights:
     try:
         if fmt == "npz":
             z = np.load(path, allow_pickle=False)
-            return LazyWeights(z.files, lambda n: z[n], path, fmt, z.close)
+            return LazyWeights(z.files, lambda n: z[n], path, fmt, z.close,
+                               info=lambda n: _npz_info(z, n))
         if fmt == "safetensors":
             header = _safetensors_header(path)
             names = [k for k in header if k != "__metadata__"]
-            w = LazyWeights(names, lambda n: _read_safetensors_tensor(path, header, n), path, fmt)
-            w.tensor_info = lambda n: _safetensors_info(header, n)
-            return w
+            return LazyWeights(names, lambda n: _read_safetensors_tensor(path, header, n), path,
+                               fmt, info=lambda n: _safetensors_info(header, n))
         if fmt == "pt":
             sd = _load_pt(path)
             return LazyWeights(sd.keys(), sd.__getitem__, path, fmt)
@@ -158,6 +170,30 @@ def _read_safetensors_tensor(path, header, name):
     if arr.size != count:
         raise ValueError(f"tensor {name!r}: truncated data")
     return arr.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+
+
+def tensor_info(weights: Mapping, name) -> tuple:
+    """``(shape, dtype)`` of ``weights[name]``, without reading the data when the mapping
+    can tell (:meth:`LazyWeights.tensor_info`)."""
+    info = getattr(weights, "tensor_info", None)
+    if info is not None:
+        return info(name)
+    a = weights[name]
+    if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+        a = np.asarray(a)
+    return tuple(a.shape), np.dtype(a.dtype)
+
+
+def _npz_info(z, name):
+    """Shape and dtype from the .npy header of one member of an .npz archive."""
+    member = name if name in z.zip.namelist() else name + ".npy"
+    with z.zip.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    return tuple(shape), np.dtype(dtype)
 
 
 def load_weights(path) -> dict:

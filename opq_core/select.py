@@ -254,5 +254,6 @@ def select_global(weights, qcs, s2s, deads, k: int, *, sample_size: int | None =
         perr[i] = r.below_sq + float(r.sq[sel].sum())
         ps2[i] = r.below_s2 + float(r.s2[sel].sum())
         n_less += int(less.sum())
-    assert int(pruned.sum()) == k, (int(pruned.sum()), k)
+    if int(pruned.sum()) != k:  # an internal invariant, not a user error
+        raise RuntimeError(f"select_global: pruned {int(pruned.sum())} weights, wanted {k}")
     return Selection(v, pruned, perr, ps2, passes)

@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import opq_core
-from opq_core.allocate import LayerPlan, Plan, channel_thresholds
+from opq_core.allocate import LayerPlan, Plan
 from opq_core.apply import layer_mask
 
 from .ste import CodebookSTE, FakeQuantSTE
@@ -114,7 +114,7 @@ class QuantizedWeight(nn.Module):
             cb = np.asarray(lp.codebook if lp.codebook is not None else [], dtype=np.float64)
         else:
             s = lp.kernel_scale  # dead channels: scale 1 (pruned whole, decode to 0)
-            th = channel_thresholds(lp.lam, lp.score_q, lp.channel_scale)
+            th = lp.thresholds
             cb = np.zeros(0)
         return s, th, cb
 

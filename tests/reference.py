@@ -66,15 +66,20 @@ def codebook(scale_c, threshold_c, step, bits, grid, dtype):
     return np.concatenate([[0.0], lv, -lv]).astype(dtype)
 
 
-def fake_quant(w, mask, scale, threshold, step, bits, grid="offset"):
-    """Pruned + fake-quantized weights (dtype of w): DESIGN.md's quantizer, sign(0) = +1."""
-    w = np.asarray(w)
-    x = _rows(w).astype(np.float64)
+def _quantize(w, mask, scale, threshold, step, bits, grid):
+    """(x, mask, scale, threshold, magnitude index) of one tensor viewed as (C, -1)."""
+    x = _rows(np.asarray(w)).astype(np.float64)
     m = _rows(mask).astype(bool)
     c = x.shape[0]
     s = _channel(scale, c)
     th = _channel(threshold, c)
-    kf = _magnitude_index(np.abs(x), grid, s, th, float(step), bits)
+    return x, m, s, th, _magnitude_index(np.abs(x), grid, s, th, float(step), bits)
+
+
+def fake_quant(w, mask, scale, threshold, step, bits, grid="offset"):
+    """Pruned + fake-quantized weights (dtype of w): DESIGN.md's quantizer, sign(0) = +1."""
+    w = np.asarray(w)
+    x, m, s, th, kf = _quantize(w, mask, scale, threshold, step, bits, grid)
     lv = _level(kf, grid, s, th, float(step))
     val = np.where(x >= 0.0, lv, -lv)
     out = np.where(m, val, 0.0)
@@ -84,12 +89,8 @@ def fake_quant(w, mask, scale, threshold, step, bits, grid="offset"):
 def codes(w, mask, scale, threshold, step, bits, grid="offset"):
     """Signed magnitude indices (int64): 0 pruned, +-k kept with the sign of w (0 -> +)."""
     w = np.asarray(w)
-    x = _rows(w).astype(np.float64)
-    m = _rows(mask).astype(bool)
-    c = x.shape[0]
-    s = _channel(scale, c)
-    th = _channel(threshold, c)
-    k = _magnitude_index(np.abs(x), grid, s, th, float(step), bits).astype(np.int64)
+    x, m, _, _, kf = _quantize(w, mask, scale, threshold, step, bits, grid)
+    k = kf.astype(np.int64)
     sk = np.where(x >= 0.0, k, -k)
     return np.where(m, sk, 0).reshape(w.shape)
 

@@ -272,3 +272,36 @@ def test_header_length_lie_is_refused(good_file, tmp_path):
     q.write_bytes(bytes(data))
     with pytest.raises(OpqFormatError, match="truncated"):
         read_opq(q)
+
+
+def test_other_tensors_are_read_once(tmp_path):
+    """Shapes and dtypes come from metadata; each other tensor's data is read once."""
+    from collections import Counter
+    from collections.abc import Mapping
+
+    rng = np.random.default_rng(3)
+    w = {"fc.weight": rng.laplace(size=(16, 32)).astype(np.float32)}
+    other = {"fc.bias": rng.normal(size=16).astype(np.float32),
+             "bn.steps": np.arange(3, dtype=np.int64)}
+    reads = Counter()
+
+    class Counting(Mapping):
+        def __getitem__(self, name):
+            reads[name] += 1
+            return other[name]
+
+        def __iter__(self):
+            return iter(other)
+
+        def __len__(self):
+            return len(other)
+
+        def tensor_info(self, name):
+            return other[name].shape, other[name].dtype
+
+    p = opq_core.plan(w, sparsity=0.5)
+    write_opq(tmp_path / "m.opq", p, w, other=Counting())
+    assert reads == Counter({"fc.bias": 1, "bn.steps": 1})
+    back = read_opq(tmp_path / "m.opq")
+    for k, v in other.items():
+        assert np.array_equal(back.other[k], v) and back.other[k].dtype == v.dtype

@@ -110,3 +110,17 @@ def test_torch_load_other_model_is_refused(tmp_path):
         opq_torch.load(path, net)
     assert path.read_bytes() == before
     assert not (tmp_path / "dense.opq").exists()
+
+
+@pytest.mark.parametrize("ext", ["npz", "safetensors"])
+def test_tensor_info_reads_metadata_not_data(tmp_path, ext, monkeypatch):
+    from opq_core import io as opq_io
+    t = {"a.weight": np.ones((3, 4, 2), np.float16), "a.steps": np.arange(5, dtype=np.int64)}
+    path = tmp_path / f"w.{ext}"
+    save_weights(path, t)
+    with open_weights(path) as w:
+        monkeypatch.setattr(w, "_loader", lambda name: pytest.fail(f"read {name}"))
+        for name, a in t.items():
+            assert w.tensor_info(name) == (a.shape, a.dtype)
+            assert opq_io.tensor_info(w, name) == (a.shape, a.dtype)
+    assert opq_io.tensor_info({"x": [1.0, 2.0]}, "x") == ((2,), np.dtype(np.float64))
