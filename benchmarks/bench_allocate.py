@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import emit, timeit  # noqa: E402
 
 from opq_core import plan  # noqa: E402
-from opq_core.examples import laplace_weights  # noqa: E402
+from opq_core.synthetic import laplace_weights  # noqa: E402
 
 
 def main(argv=None):

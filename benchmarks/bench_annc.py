@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine, markdown_table, timeit  # noqa: E402
 
 from opq_core.annc import annc_budget, project, prune_to_budget, quantize_projection  # noqa: E402
-from opq_core.examples import laplace_weights  # noqa: E402
+from opq_core.synthetic import laplace_weights  # noqa: E402
 from opq_core.io import atomic_write  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """The .opq file: bytes against the information-theoretic limit, rates, speed, memory.
 
-For ResNet-50-shaped weights (Laplace draws, opq_core.examples) at sparsity 0.5 / 0.8 /
+For ResNet-50-shaped weights (Laplace draws, opq_core.synthetic) at sparsity 0.5 / 0.8 /
 0.9 / 0.95 and 2 / 4 / 8 bits:
 
 - file bits of the compressed layers against the limit of the same plan,
@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import machine, markdown_table  # noqa: E402
 
 import opq_core  # noqa: E402
-from opq_core.examples import laplace_weights  # noqa: E402
+from opq_core.synthetic import laplace_weights  # noqa: E402
 from opq_core.format import _symbols, compress_weights, read_opq, write_opq  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -146,7 +146,7 @@ def peak_rss_plan(total_bytes, folder):
         hwm = ("int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]"
                ".split()[1])")
         code = ("import sys, io, contextlib\n"
-                "from opq_core.cli import main\n"
+                "from opq_cli import main\n"
                 "with contextlib.redirect_stdout(io.StringIO()):\n"
                 f"    rc = main(['plan', {path!r}, '--sparsity', '0.9', '--bits', '4'])\n"
                 f"print(rc, {hwm})")
@@ -157,7 +157,7 @@ def peak_rss_plan(total_bytes, folder):
             raise RuntimeError(r.stderr)
         rc, kib = r.stdout.split()
         base = subprocess.run([sys.executable, "-c",
-                               "import opq_core.cli, opq_core.allocate, opq_core.select\n"
+                               "import opq_cli, opq_core.allocate, opq_core.select\n"
                                f"print({hwm})"], capture_output=True, text=True)
         return {"file_bytes": size, "largest_tensor_bytes": largest,
                 "peak_rss_bytes": int(kib) * 1024, "import_rss_bytes": int(base.stdout) * 1024,

@@ -67,7 +67,7 @@ class Config:
 # ---------------------------------------------------------------------------
 
 def _limit(data, n):
-    from opq_torch import examples as ex
+    from opq_torch.demo import examples as ex
     if n is None:
         return data
     return ex.Data(data.name, data.x_train[:n], data.y_train[:n], data.x_test,
@@ -102,7 +102,7 @@ def _warm_up(bits):
 
 
 def _dense(cfg, name, seed, data_cache):
-    from opq_torch import examples as ex
+    from opq_torch.demo import examples as ex
     spec = ex.MODELS[name]
     if spec.dataset not in data_cache:
         data_cache[spec.dataset] = _limit(ex.load_data(spec.dataset), cfg.data_limit)
@@ -115,7 +115,7 @@ def _dense(cfg, name, seed, data_cache):
 
 
 def _cell(cfg, method, model, data, rate, seed, dense_acc, weights, others):
-    from opq_torch import examples as ex
+    from opq_torch.demo import examples as ex
     row = {"method": method, "rate_target": rate, "seed": seed, "dense_acc": dense_acc}
     a = sm.allocate(method, weights, rate, cfg.bits)
     _, test = ex.loaders(data, seed=seed)
@@ -147,7 +147,7 @@ def _batch(data):
 def _ablation_cells(cfg, model, data, rate, seed, weights):
     """Unified vs layer vs per-channel steps (post-training); offset vs symmetric grid and
     bit-widths 2 and 3 against the default (post-training and fine-tuned)."""
-    from opq_torch import examples as ex
+    from opq_torch.demo import examples as ex
     _, test = ex.loaders(data, seed=seed)
     rows = []
 
@@ -184,7 +184,7 @@ def run(cfg: Config) -> dict:
     """Run the study; return the JSON-able result (cells, aggregates, ablations)."""
     import numba
     import torch
-    from opq_torch import examples as ex
+    from opq_torch.demo import examples as ex
 
     t_start = time.perf_counter()
     cpu_start = time.process_time()

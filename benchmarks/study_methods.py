@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import opq_core
-from opq_torch import examples as ex
+from opq_torch.demo import examples as ex
 
 #: name -> (label, description)
 METHODS = {

@@ -62,7 +62,7 @@ def opq(*args, cwd=None, jit=False):
     env = dict(os.environ)
     if not jit:
         env["NUMBA_DISABLE_JIT"] = "1"
-    return subprocess.run([sys.executable, "-m", "opq_core.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "opq_cli", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
@@ -108,7 +108,7 @@ def test_every_subcommand_on_every_format(tmp_path, fmt):
 
 def main_(argv, capsys):
     """The CLI in this process (cheap): (exit status, stdout, stderr)."""
-    from opq_core.cli import main
+    from opq_cli import main
     try:
         rc = main([str(a) for a in argv])
     except SystemExit as exc:
@@ -139,7 +139,7 @@ def test_compress_inspect_in_process(tmp_path, capsys, layout):
 def test_core_commands_do_not_import_torch(tmp_path):
     src, _ = _write("npz", tmp_path)
     out = tmp_path / "m.opq"
-    code = ("import sys, io, contextlib; from opq_core.cli import main\n"
+    code = ("import sys, io, contextlib; from opq_cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
             f"    a = main(['compress', {str(src)!r}, '-o', {str(out)!r}, '--sparsity', '0.5'])\n"
             f"    b = main(['inspect', {str(out)!r}])\n"
@@ -240,7 +240,7 @@ def _digits_checkpoint(folder):
     """An untrained digits CNN state_dict (the wiring and the budget are under test)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("sklearn")
-    from opq_torch.examples import make_model
+    from opq_torch.demo.examples import make_model
     path = folder / "digits_cnn.pt"
     torch.save(make_model("digits_cnn", seed=3).state_dict(), str(path))
     return path
@@ -275,7 +275,7 @@ def test_compress_annc_with_training_hook(tmp_path, capsys):
     import torch
     assert torch.get_num_threads() == threads
     import opq_torch
-    from opq_torch.examples import make_model
+    from opq_torch.demo.examples import make_model
     fresh = make_model("digits_cnn", seed=9)
     opq_torch.load(out, fresh)
     assert opq_torch.plan_of(fresh) == f.plan
@@ -327,7 +327,7 @@ def test_compress_annc_bad_arguments_one_line(tmp_path, capsys):
 
 
 def test_help_shows_annc_usage(capsys):
-    from opq_core.cli import build_parser
+    from opq_cli import build_parser
     text = build_parser().format_help()
     assert "--method annc" in text and HOOK in text and "--save-dense" in text
     rc, text, _ = main_(["compress", "--help"], capsys)

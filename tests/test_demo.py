@@ -10,7 +10,7 @@ pytest.importorskip("sklearn")
 
 
 def test_demo_meets_its_targets(tmp_path, capsys):
-    from opq_core.cli import main
+    from opq_cli import main
     out = tmp_path / "demo.opq"
     assert main(["demo", "--json", "-o", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -33,7 +33,7 @@ def test_demo_meets_its_targets(tmp_path, capsys):
 
 
 def test_demo_bad_arguments(tmp_path, capsys):
-    from opq_core.cli import main
+    from opq_cli import main
     assert main(["demo", "--epochs", "0", "-o", str(tmp_path / "d.opq")]) == 2
     assert "epochs" in capsys.readouterr().err
     assert main(["demo", "-o", str(tmp_path / "no" / "d.opq")]) == 2
@@ -60,7 +60,7 @@ def check_annc_file(path, budget_bits):
 
 
 def test_annc_demo_quick_budget_holds_and_reloads(tmp_path, capsys):
-    from opq_core.cli import main
+    from opq_cli import main
     out = tmp_path / "annc.opq"
     dense = tmp_path / "digits_cnn.pt"
     assert main(["demo", "--method", "annc", "--json", "--quick", "--admm-epochs", "1",
@@ -87,14 +87,14 @@ def test_annc_demo_quick_budget_holds_and_reloads(tmp_path, capsys):
     assert {lp.name: lp.bits for lp in f.plan.layers} == r["layer_bits"]
     # the dense checkpoint: the training hook rebuilds exactly the demo's dense model
     from opq_torch.demo import digits_task
-    from opq_torch.examples import evaluate
+    from opq_torch.demo.examples import evaluate
     task = digits_task(dense)
     assert set(task) == {"model", "train_loader", "eval_loader"}
     assert evaluate(task["model"], task["eval_loader"]) == r["dense_accuracy"]
 
 
 def test_demo_method_bad_arguments(tmp_path, capsys):
-    from opq_core.cli import main
+    from opq_cli import main
     out = str(tmp_path / "d.opq")
     for argv, words in (
             (["--method", "annc", "--sparsity", "0.9"], ("--sparsity", "--rate")),

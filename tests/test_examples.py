@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-from opq_torch import examples as ex  # noqa: E402
+from opq_torch.demo import examples as ex  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ def _run(code: str) -> str:
 
 def test_import_opq_core_does_not_load_torch():
     out = _run("import sys, opq_core, opq_core.kernels, opq_core.allocate, opq_core.io, "
-               "opq_core.cli; print('torch' in sys.modules)")
+               "opq_cli; print('torch' in sys.modules)")
     assert out == "False"
 
 
@@ -24,7 +24,7 @@ def test_opq_plan_on_npz_does_not_load_torch(tmp_path):
     path = tmp_path / "w.npz"
     np.savez(path, **{"a.weight": rng.laplace(size=(16, 8, 3, 3)).astype(np.float32),
                       "b.weight": rng.laplace(size=(10, 64)).astype(np.float32)})
-    code = ("import sys, io, contextlib; from opq_core.cli import main\n"
+    code = ("import sys, io, contextlib; from opq_cli import main\n"
             "buf = io.StringIO()\n"
             "with contextlib.redirect_stdout(buf):\n"
             f"    rc = main(['plan', {str(path)!r}, '--sparsity', '0.8', '--json'])\n"
@@ -36,7 +36,7 @@ def test_opq_plan_on_npz_does_not_load_torch(tmp_path):
 
 
 def test_console_script_help():
-    r = subprocess.run([sys.executable, "-m", "opq_core.cli", "--help"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "opq_cli", "--help"], capture_output=True,
                        text=True)
     assert r.returncode == 0
     assert "plan" in r.stdout

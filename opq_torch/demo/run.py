@@ -33,9 +33,9 @@ import time
 import torch
 
 from . import examples
-from .compress import compress
-from .finetune import finetune
-from .io import load, save
+from ..compress import compress
+from ..finetune import finetune
+from ..io import load, save
 
 __all__ = ["run_demo", "digits_task", "METHODS"]
 
@@ -153,7 +153,7 @@ def run_demo(*, method: str = "opq", epochs: int | None = None,
 
         t = time.perf_counter()
         if method == "annc":
-            from .annc import compress_annc
+            from ..annc import compress_annc
             # ADMM, then the final projection fixes masks, codebooks and bits; the
             # fine-tuning stage below is the one compress_annc would run (same optimizer)
             with examples.deterministic(seed):
