@@ -37,7 +37,7 @@ import numpy as np
 
 from ._jit import PARALLEL_MIN_SIZE, jit, prange
 from .apply import compute_dtype
-from .codebook import check_codebook, fake_quant_codebook
+from .kernels.codebook import check_codebook, fake_quant_codebook
 
 __all__ = [
     "BITS", "PruneResult", "prune_to_budget", "KMeansResult", "kmeans_zero_anchored",

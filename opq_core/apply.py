@@ -44,7 +44,7 @@ def apply_layer(lp, w, mask=None) -> np.ndarray:
         mask = layer_mask(lp, w)
     dtype = compute_dtype(w.dtype)
     if lp.grid == "codebook":
-        from .codebook import fake_quant_codebook
+        from .kernels.codebook import fake_quant_codebook
         out = fake_quant_codebook(w.astype(dtype, copy=False), np.asarray(mask, dtype=bool),
                                   lp.codebook)
         return out.astype(w.dtype, copy=False)

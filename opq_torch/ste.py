@@ -232,11 +232,11 @@ _codebook_impl = None
 
 
 def _codebook_kernel():
-    """``opq_core.codebook.fake_quant_codebook`` when that module exists, else None."""
+    """``opq_core.kernels.codebook.fake_quant_codebook`` when that module exists, else None."""
     global _codebook_impl
     if _codebook_impl is None:
         try:
-            mod = importlib.import_module("opq_core.codebook")
+            mod = importlib.import_module("opq_core.kernels.codebook")
             _codebook_impl = getattr(mod, "fake_quant_codebook", False)
         except ImportError:
             _codebook_impl = False

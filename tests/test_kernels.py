@@ -17,6 +17,7 @@ from hypothesis.extra import numpy as hnp
 import reference as ref
 import strategies as S
 from opq_core import kernels as K
+from opq_core.kernels import _common as KC, masks as KM
 from opq_core.kernels import code_dtype
 
 UINT = {np.dtype(np.float16): np.uint16, np.dtype(np.float32): np.uint32,
@@ -271,12 +272,12 @@ def test_select_smallest_band_path(n, seed, data, ties):
     k = data.draw(st.integers(1, n))
     want = np.sort(x)[k - 1]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(K, "_SELECT_MIN", 16)
-        mp.setattr(K, "_SELECT_SAMPLE", 32)
+        mp.setattr(KM, "_SELECT_MIN", 16)
+        mp.setattr(KM, "_SELECT_SAMPLE", 32)
         v, nl, ne = K.select_smallest(x, k)
     assert v == want and nl == int((x < want).sum()) and ne == int((x == want).sum())
     for slack in (-1e9, 0.0):                       # a band that misses -> full selection
-        v2, nl2, ne2, path = K._select_band(x, k, sample=16, slack=slack)
+        v2, nl2, ne2, path = KM._select_band(x, k, sample=16, slack=slack)
         assert (v2, nl2, ne2) == (v, nl, ne)
         if slack < 0:
             assert path == "full"
@@ -337,14 +338,14 @@ def test_pack_codes_round_trip(p, lm):
 
 def test_multi_block_packing_and_long_gaps():
     """Arrays over several parallel blocks; gaps needing 1, 2 and 3 varint bytes."""
-    n = 2 * K._BLOCK + 4321
+    n = 2 * KC._BLOCK + 4321
     rng = np.random.default_rng(3)
     m = rng.random(n) < 0.3
     m[100:20000] = False                  # a gap of ~2e4: three varint bytes
     m[-1] = True
     for par in (0, 1 << 62):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(K, "PARALLEL_MIN_SIZE", par)
+            mp.setattr(KC, "PARALLEL_MIN_SIZE", par)
             same(K.pack_mask(m), np.packbits(m, bitorder="little"))
             gap = K.gap_encode(m)
             same(K.gap_decode(gap, n), m)
@@ -383,7 +384,7 @@ def _problem(rng, shape, bits=4, grid="offset", dtype=np.float32):
     return w, m, (s, th, 0.6, bits, grid)
 
 
-@pytest.mark.parametrize("shape", [(40, 1, 3, 3 * 256), (3 * K._BLOCK + 17,)])
+@pytest.mark.parametrize("shape", [(40, 1, 3, 3 * 256), (3 * KC._BLOCK + 17,)])
 def test_parallel_equals_serial(shape):
     rng = np.random.default_rng(7)
     w, m, args = _problem(rng, shape, grid="symmetric")
@@ -391,7 +392,7 @@ def test_parallel_equals_serial(shape):
     res = {}
     for par in (0, 1 << 62):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(K, "PARALLEL_MIN_SIZE", par)
+            mp.setattr(KC, "PARALLEL_MIN_SIZE", par)
             res[par] = _all_ops(w, m, args, g)
     for key in res[0]:
         same(res[0][key], res[1 << 62][key])
@@ -399,15 +400,15 @@ def test_parallel_equals_serial(shape):
 
 
 def test_use_parallel_rules(monkeypatch):
-    monkeypatch.setattr(K, "PARALLEL_MIN_SIZE", 100)
-    assert not K._use_parallel(99) and K._use_parallel(100)
+    monkeypatch.setattr(KC, "PARALLEL_MIN_SIZE", 100)
+    assert not KC._use_parallel(99) and KC._use_parallel(100)
     seen = {}
-    monkeypatch.setattr(K, "threading_layer_is_safe", lambda: False)
-    t = threading.Thread(target=lambda: seen.update(unsafe=K._use_parallel(10 ** 6)))
+    monkeypatch.setattr(KC, "threading_layer_is_safe", lambda: False)
+    t = threading.Thread(target=lambda: seen.update(unsafe=KC._use_parallel(10 ** 6)))
     t.start()
     t.join()
-    monkeypatch.setattr(K, "threading_layer_is_safe", lambda: True)
-    t = threading.Thread(target=lambda: seen.update(safe=K._use_parallel(10 ** 6)))
+    monkeypatch.setattr(KC, "threading_layer_is_safe", lambda: True)
+    t = threading.Thread(target=lambda: seen.update(safe=KC._use_parallel(10 ** 6)))
     t.start()
     t.join()
     assert seen == {"unsafe": False, "safe": True}
@@ -416,9 +417,9 @@ def test_use_parallel_rules(monkeypatch):
 @pytest.mark.parametrize("layer_safe", [None, False])
 def test_concurrent_threads(monkeypatch, layer_safe):
     """Several Python threads at once (parallel kernels where the layer allows it)."""
-    monkeypatch.setattr(K, "PARALLEL_MIN_SIZE", 2048)
+    monkeypatch.setattr(KC, "PARALLEL_MIN_SIZE", 2048)
     if layer_safe is not None:
-        monkeypatch.setattr(K, "threading_layer_is_safe", lambda: layer_safe)
+        monkeypatch.setattr(KC, "threading_layer_is_safe", lambda: layer_safe)
     rng = np.random.default_rng(11)
     jobs = []
     for i in range(12):
@@ -520,8 +521,14 @@ def test_other_bad_input():
 
 
 def test_doctests():
-    res = doctest.testmod(K, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert res.attempted > 15 and res.failed == 0
+    import importlib
+    attempted = 0
+    for name in ("quantize", "ste", "masks", "pack", "index", "codebook"):
+        mod = importlib.import_module(f"opq_core.kernels.{name}")
+        res = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert res.failed == 0, name
+        attempted += res.attempted
+    assert attempted > 15
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -529,19 +536,19 @@ def test_pack_codes_blocks_unaligned_and_empty(bits):
     """Blocks starting at any bit offset, an all-pruned block, a block with one kept code."""
     if S.JIT_DISABLED and bits not in (3, 8):
         pytest.skip("plain-Python run: two bit widths suffice")
-    n = 4 * K._BLOCK + 77
+    n = 4 * KC._BLOCK + 77
     rng = np.random.default_rng(bits)
     m = rng.random(n) < 0.37
-    m[K._BLOCK:2 * K._BLOCK] = False
-    m[2 * K._BLOCK:3 * K._BLOCK] = False
-    m[2 * K._BLOCK + 5] = True
+    m[KC._BLOCK:2 * KC._BLOCK] = False
+    m[2 * KC._BLOCK:3 * KC._BLOCK] = False
+    m[2 * KC._BLOCK + 5] = True
     kmax = 2 ** (bits - 1)
     cd = np.where(m, rng.integers(1, kmax + 1, n) * rng.choice([-1, 1], n), 0)
     cd = cd.astype(code_dtype(bits))
     want = K.pack_bits(K.codes_to_symbols(cd[m], bits), bits)
     for par in (0, 1 << 62):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(K, "PARALLEL_MIN_SIZE", par)
+            mp.setattr(KC, "PARALLEL_MIN_SIZE", par)
             buf = K.pack_codes(cd, m, bits)
             same(buf, want)
             same(K.unpack_codes(buf, m, bits), cd)

@@ -1,0 +1,133 @@
+"""Argument checks shared by every public function of opq_core, and their message format.
+
+Every message starts with the function (and, when known, the layer) and names the argument and
+the value.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+#: The quantization grids, in the order of their integer ids in the kernels.
+GRIDS = ("offset", "symmetric")
+#: The bit-widths a layer may use.
+BITS = tuple(range(1, 9))
+
+
+def _fn(name, layer):
+    """The label error messages start with: the function and, when known, the layer."""
+    return name if layer is None else f"{name} (layer {layer!r})"
+
+
+def _as_array(fn, name, a):
+    if not isinstance(a, np.ndarray):
+        try:
+            a = np.asarray(a)
+        except Exception as exc:  # pragma: no cover - exotic objects
+            raise TypeError(f"{fn}: {name} cannot be read as an array ({exc})") from None
+    return a
+
+
+def _check_float(fn, name, a, allow_half=False):
+    a = _as_array(fn, name, a)
+    ok = (np.float32, np.float64, np.float16) if allow_half else (np.float32, np.float64)
+    if a.dtype.type not in ok:
+        hint = ""
+        if a.dtype == np.float16:
+            hint = " (convert explicitly, e.g. .astype(np.float32))"
+        allowed = "float16/float32/float64" if allow_half else "float32 or float64"
+        raise TypeError(f"{fn}: {name} must be {allowed}, got dtype {a.dtype}{hint}")
+    if allow_half and a.dtype == np.float16:
+        a = a.astype(np.float32)  # exact
+    return a
+
+
+def _check_weight(fn, w, name="w", allow_half=False):
+    w = _check_float(fn, name, w, allow_half)
+    if w.ndim < 1:
+        raise ValueError(f"{fn}: {name} must have ndim >= 1 (channels first), got a 0-d array")
+    return np.ascontiguousarray(w)
+
+
+def _check_bool(fn, name, a, shape):
+    a = _as_array(fn, name, a)
+    if a.dtype != np.bool_:
+        raise TypeError(f"{fn}: {name} must be a bool array, got dtype {a.dtype}")
+    if shape is not None and a.shape != tuple(shape):
+        raise ValueError(f"{fn}: {name} shape {a.shape} does not match {tuple(shape)}")
+    return np.ascontiguousarray(a)
+
+
+def _check_int(fn, name, v, lo=None, hi=None):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{fn}: {name} must be an integer, got {v!r}")
+    v = int(v)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{fn}: {name} must be in {rng}, got {v}")
+    return v
+
+
+def _check_bits(fn, bits):
+    return _check_int(fn, "bits", bits, 1, 8)
+
+
+def _check_grid(fn, grid):
+    if not isinstance(grid, str) or grid not in GRIDS:
+        raise ValueError(f"{fn}: grid must be 'offset' or 'symmetric', got {grid!r}")
+    return GRIDS.index(grid)
+
+
+def _check_step(fn, step):
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{fn}: step must be a real number, got {step!r}")
+    d = float(step)
+    if not (math.isfinite(d) and d > 0.0):
+        raise ValueError(f"{fn}: step must be finite and > 0, got {d!r}")
+    return d
+
+
+def _check_channels(fn, name, v, c, *, positive=False, nonneg=False, finite=True):
+    """A per-channel float64 vector of length c (a scalar is broadcast)."""
+    a = _as_array(fn, name, v)
+    if a.dtype.kind not in "fiu" or a.dtype.kind == "b":
+        raise TypeError(f"{fn}: {name} must be a real array, got dtype {a.dtype}")
+    a = a.astype(np.float64)
+    if a.ndim == 0:
+        a = np.full(c, float(a), dtype=np.float64)
+    if a.ndim != 1 or a.shape[0] != c:
+        raise ValueError(f"{fn}: {name} must have shape ({c},) (one value per output channel), "
+                         f"got shape {a.shape}")
+    bad = np.zeros(c, dtype=bool)
+    if finite:
+        bad |= ~np.isfinite(a)
+    else:
+        bad |= np.isnan(a)
+    if positive:
+        bad |= ~(a > 0.0)
+    if nonneg:
+        bad |= ~(a >= 0.0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        req = "finite and > 0" if positive else ("finite and >= 0" if nonneg else "finite")
+        raise ValueError(f"{fn}: {name}[{i}] = {a[i]!r} must be {req}")
+    return np.ascontiguousarray(a)
+
+
+def _check_codes(fn, name, a, bits=None):
+    a = _as_array(fn, name, a)
+    if a.dtype not in (np.int8, np.int16):
+        raise TypeError(f"{fn}: {name} must be an int8 or int16 array, got dtype {a.dtype}")
+    if bits is not None and bits == 8 and a.dtype == np.int8:
+        raise TypeError(f"{fn}: {name} has dtype int8, which cannot hold the codes of bits=8 "
+                        f"(magnitude index up to 128); use int16 (code_dtype(8))")
+    return np.ascontiguousarray(a)
+
+
+def _check_buf(fn, name, buf):
+    a = _as_array(fn, name, buf)
+    if a.dtype != np.uint8 or a.ndim != 1:
+        raise TypeError(f"{fn}: {name} must be a 1-D uint8 array, got dtype {a.dtype} "
+                        f"and shape {a.shape}")
+    return np.ascontiguousarray(a)
