@@ -118,3 +118,29 @@ def compile_seconds(records) -> dict:
     for r in records:
         tot[r.name] = tot.get(r.name, 0.0) + r.seconds
     return dict(sorted(tot.items(), key=lambda kv: -kv[1]))
+
+
+def twins(fn):
+    """Compile one kernel body twice: a serial copy (``prange`` runs as ``range``) and a
+    parallel one. Returns ``(serial, parallel)``.
+
+    The parallel copy is a new function object named ``<name>_par`` (also in its
+    ``__qualname__``): Numba's on-disk cache (``OPQ_NUMBA_CACHE=1``) keys entries by the
+    function's qualified name and line, not by the ``parallel`` flag, so compiling the very
+    same function twice would load the serial machine code for the parallel dispatcher.
+
+    >>> def _add_one(x):
+    ...     for i in prange(x.shape[0]):
+    ...         x[i] += 1.0
+    >>> serial, parallel = twins(_add_one)
+    >>> import numpy as np
+    >>> a = np.zeros(3); serial(a); parallel(a); a
+    array([2., 2., 2.])
+    """
+    import types
+    par = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_par",
+                             fn.__defaults__, fn.__closure__)
+    par.__qualname__ = fn.__qualname__ + "_par"
+    par.__module__ = fn.__module__
+    par.__doc__ = fn.__doc__
+    return jit()(fn), jit(parallel=True)(par)

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from ._jit import PARALLEL_MIN_SIZE, jit, prange
+from ._jit import PARALLEL_MIN_SIZE, prange, twins
 
 __all__ = ["LayerStats", "layer_stats", "as_matrix", "check_weight"]
 
@@ -36,8 +36,7 @@ class LayerStats:
         return int(self.shape[0])
 
 
-@jit(parallel=True)
-def _abs_sum_rows_par(x, out_sum, out_bad):
+def _abs_sum_rows(x, out_sum, out_bad):
     for c in prange(x.shape[0]):
         acc = 0.0
         bad = 0
@@ -50,18 +49,7 @@ def _abs_sum_rows_par(x, out_sum, out_bad):
         out_bad[c] = bad
 
 
-@jit()
-def _abs_sum_rows(x, out_sum, out_bad):
-    for c in range(x.shape[0]):
-        acc = 0.0
-        bad = 0
-        for j in range(x.shape[1]):
-            v = np.float64(x[c, j])
-            if not np.isfinite(v):
-                bad += 1
-            acc += abs(v)
-        out_sum[c] = acc
-        out_bad[c] = bad
+_abs_sum_rows, _abs_sum_rows_par = twins(_abs_sum_rows)
 
 
 def check_weight(name, w, argument="weights"):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._jit import jit, prange
+from .._jit import jit, prange, twins
 from ._common import _finish, _index, _target, _use_parallel
 
 __all__ = ["check_codebook", "midpoints", "fake_quant_codebook", "codebook_codes",
@@ -135,18 +135,13 @@ def _cb_row(x, m, o, cd, want_codes, mid, cent):
     return bad
 
 
-@jit()
 def _fake_quant_cb(x, m, o, cd, want_codes, mid, cent, bad):
-    for c in range(x.shape[0]):
-        cdc = cd[c] if want_codes else cd[0]
-        bad[c] = _cb_row(x[c], m[c], o[c], cdc, want_codes, mid, cent)
-
-
-@jit(parallel=True)
-def _fake_quant_cb_par(x, m, o, cd, want_codes, mid, cent, bad):
     for c in prange(x.shape[0]):
         cdc = cd[c] if want_codes else cd[0]
         bad[c] = _cb_row(x[c], m[c], o[c], cdc, want_codes, mid, cent)
+
+
+_fake_quant_cb, _fake_quant_cb_par = twins(_fake_quant_cb)
 
 
 def _run(fn, w, mask, codebook, out, codes, name):

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._jit import jit, prange
+from .._jit import jit, prange, twins
 from .._check import _check_bool, _check_buf, _check_int
 from ._common import _BLOCK, _use_parallel
 
@@ -28,18 +28,15 @@ def _pack_mask_bytes(m, out, lo, hi):
         oo[full] = acc
 
 
-@jit()
 def _pack_mask(m, out):
-    _pack_mask_bytes(m, out, 0, out.shape[0])
-
-
-@jit(parallel=True)
-def _pack_mask_par(m, out):
     nbytes = out.shape[0]
     nb = (nbytes + _BLOCK - 1) // _BLOCK
     for b in prange(nb):
         lo = b * _BLOCK
         _pack_mask_bytes(m, out, lo, min(lo + _BLOCK, nbytes))
+
+
+_pack_mask, _pack_mask_par = twins(_pack_mask)
 
 
 @jit()
@@ -58,18 +55,15 @@ def _unpack_mask_bytes(buf, m, lo, hi):
             mm[8 * full + t] = (v >> t) & 1 != 0
 
 
-@jit()
 def _unpack_mask(buf, m):
-    _unpack_mask_bytes(buf, m, 0, buf.shape[0])
-
-
-@jit(parallel=True)
-def _unpack_mask_par(buf, m):
     nbytes = buf.shape[0]
     nb = (nbytes + _BLOCK - 1) // _BLOCK
     for b in prange(nb):
         lo = b * _BLOCK
         _unpack_mask_bytes(buf, m, lo, min(lo + _BLOCK, nbytes))
+
+
+_unpack_mask, _unpack_mask_par = twins(_unpack_mask)
 
 
 def pack_mask(mask):
@@ -139,20 +133,14 @@ def _gap_scan_block(m, lo, hi, first, last, cnt, nbytes, b):
     nbytes[b] = nby
 
 
-@jit()
 def _gap_scan(m, first, last, cnt, nbytes):
-    n = m.shape[0]
-    for b in range(first.shape[0]):
-        lo = b * _BLOCK
-        _gap_scan_block(m, lo, min(lo + _BLOCK, n), first, last, cnt, nbytes, b)
-
-
-@jit(parallel=True)
-def _gap_scan_par(m, first, last, cnt, nbytes):
     n = m.shape[0]
     for b in prange(first.shape[0]):
         lo = b * _BLOCK
         _gap_scan_block(m, lo, min(lo + _BLOCK, n), first, last, cnt, nbytes, b)
+
+
+_gap_scan, _gap_scan_par = twins(_gap_scan)
 
 
 @jit()
@@ -198,20 +186,14 @@ def _gap_write_block(m, lo, hi, lead, at, out):
             p = j
 
 
-@jit()
 def _gap_write(m, lead, offsets, out):
-    n = m.shape[0]
-    for b in range(lead.shape[0]):
-        lo = b * _BLOCK
-        _gap_write_block(m, lo, min(lo + _BLOCK, n), lead[b], offsets[b], out)
-
-
-@jit(parallel=True)
-def _gap_write_par(m, lead, offsets, out):
     n = m.shape[0]
     for b in prange(lead.shape[0]):
         lo = b * _BLOCK
         _gap_write_block(m, lo, min(lo + _BLOCK, n), lead[b], offsets[b], out)
+
+
+_gap_write, _gap_write_par = twins(_gap_write)
 
 
 def _gap_plan(m):

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from .._jit import jit, prange
+from .._jit import jit, prange, twins
 from .._check import _as_array, _check_bool, _check_channels, _check_int, _check_weight, _fn
 from ._common import _BLOCK, _finish, _index, _rows, _target, _use_parallel
 
@@ -35,16 +35,12 @@ def _scores_row(x, o, q, dead):
     return bad
 
 
-@jit()
 def _scores(x, o, q, dead, bad):
-    for c in range(x.shape[0]):
-        bad[c] = _scores_row(x[c], o[c], q[c], dead[c])
-
-
-@jit(parallel=True)
-def _scores_par(x, o, q, dead, bad):
     for c in prange(x.shape[0]):
         bad[c] = _scores_row(x[c], o[c], q[c], dead[c])
+
+
+_scores, _scores_par = twins(_scores)
 
 
 def scores(w, q_c, dead=None, out=None, *, layer=None):
@@ -101,8 +97,7 @@ def _mfs_block(s, m, lam, lo, hi):
     return gt, eq, nan
 
 
-@jit(parallel=True)
-def _mfs_pass1_par(s, m, lam, gt, eq, nan):
+def _mfs_pass1(s, m, lam, gt, eq, nan):
     n = s.shape[0]
     for b in prange(gt.shape[0]):
         lo = b * _BLOCK
@@ -110,13 +105,7 @@ def _mfs_pass1_par(s, m, lam, gt, eq, nan):
         gt[b], eq[b], nan[b] = _mfs_block(s, m, lam, lo, hi)
 
 
-@jit()
-def _mfs_pass1(s, m, lam, gt, eq, nan):
-    n = s.shape[0]
-    for b in range(gt.shape[0]):
-        lo = b * _BLOCK
-        hi = min(lo + _BLOCK, n)
-        gt[b], eq[b], nan[b] = _mfs_block(s, m, lam, lo, hi)
+_mfs_pass1, _mfs_pass1_par = twins(_mfs_pass1)
 
 
 @jit()
@@ -212,8 +201,7 @@ def _band_block(x, lo_v, hi_v, lo, hi):
     return below, band, nan
 
 
-@jit(parallel=True)
-def _band_count_par(x, lo_v, hi_v, below, band, nan):
+def _band_count(x, lo_v, hi_v, below, band, nan):
     n = x.shape[0]
     for b in prange(below.shape[0]):
         lo = b * _BLOCK
@@ -221,13 +209,7 @@ def _band_count_par(x, lo_v, hi_v, below, band, nan):
         below[b], band[b], nan[b] = _band_block(x, lo_v, hi_v, lo, hi)
 
 
-@jit()
-def _band_count(x, lo_v, hi_v, below, band, nan):
-    n = x.shape[0]
-    for b in range(below.shape[0]):
-        lo = b * _BLOCK
-        hi = min(lo + _BLOCK, n)
-        below[b], band[b], nan[b] = _band_block(x, lo_v, hi_v, lo, hi)
+_band_count, _band_count_par = twins(_band_count)
 
 
 @jit()
@@ -240,8 +222,7 @@ def _band_collect_block(x, lo_v, hi_v, cand, at, lo, hi):
             at += 1
 
 
-@jit(parallel=True)
-def _band_collect_par(x, lo_v, hi_v, offsets, cand):
+def _band_collect(x, lo_v, hi_v, offsets, cand):
     n = x.shape[0]
     for b in prange(offsets.shape[0]):
         lo = b * _BLOCK
@@ -249,13 +230,7 @@ def _band_collect_par(x, lo_v, hi_v, offsets, cand):
         _band_collect_block(x, lo_v, hi_v, cand, offsets[b], lo, hi)
 
 
-@jit()
-def _band_collect(x, lo_v, hi_v, offsets, cand):
-    n = x.shape[0]
-    for b in range(offsets.shape[0]):
-        lo = b * _BLOCK
-        hi = min(lo + _BLOCK, n)
-        _band_collect_block(x, lo_v, hi_v, cand, offsets[b], lo, hi)
+_band_collect, _band_collect_par = twins(_band_collect)
 
 
 def _select_full(x, k):
@@ -395,16 +370,12 @@ def _thr_row(x, o, theta):
         o[j] = abs(np.float64(x[j])) >= theta
 
 
-@jit()
 def _mask_from_threshold(x, o, threshold):
-    for c in range(x.shape[0]):
-        _thr_row(x[c], o[c], threshold[c])
-
-
-@jit(parallel=True)
-def _mask_from_threshold_par(x, o, threshold):
     for c in prange(x.shape[0]):
         _thr_row(x[c], o[c], threshold[c])
+
+
+_mask_from_threshold, _mask_from_threshold_par = twins(_mask_from_threshold)
 
 
 def mask_from_threshold(w, threshold, *, layer=None):

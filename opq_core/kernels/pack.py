@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._jit import jit, prange
+from .._jit import jit, prange, twins
 from .._check import _as_array, _check_bits, _check_bool, _check_codes, _check_int, _fn, _check_buf
 from ._common import _BLOCK, _index, _use_parallel
 from .quantize import code_dtype
@@ -110,16 +110,6 @@ def _pack_group(sym, out, g, cnt, bits):
 
 
 @jit()
-def _pack_bits(sym, out, bits):
-    n = sym.shape[0]
-    ng = n // 8
-    bad = _pack_groups(sym, out, 0, ng, bits)
-    if n - 8 * ng:
-        bad += _pack_group(sym, out, ng, n - 8 * ng, bits)
-    return bad
-
-
-@jit()
 def _pack_groups(sym, out, g0, g1, bits):
     """Full groups g0..g1-1 (8 symbols -> ``bits`` bytes); returns the bad-symbol count."""
     ss = sym[8 * g0:8 * g1]
@@ -138,8 +128,7 @@ def _pack_groups(sym, out, g0, g1, bits):
     return bad
 
 
-@jit(parallel=True)
-def _pack_bits_par(sym, out, bits):
+def _pack_bits(sym, out, bits):
     # prange over blocks of groups (a prange over every group with a reduction is slow)
     n = sym.shape[0]
     ng = n // 8
@@ -151,6 +140,9 @@ def _pack_bits_par(sym, out, bits):
     if n - 8 * ng:
         bads[nb] = _pack_group(sym, out, ng, n - 8 * ng, bits)
     return bads.sum()
+
+
+_pack_bits, _pack_bits_par = twins(_pack_bits)
 
 
 @jit()
@@ -167,15 +159,6 @@ def _unpack_group(buf, out, g, cnt, bits):
 
 
 @jit()
-def _unpack_bits(buf, out, bits):
-    n = out.shape[0]
-    ng = n // 8
-    _unpack_groups(buf, out, 0, ng, bits)
-    if n - 8 * ng:
-        _unpack_group(buf, out, ng, n - 8 * ng, bits)
-
-
-@jit()
 def _unpack_groups(buf, out, g0, g1, bits):
     bb = buf[bits * g0:bits * g1]
     oo = out[8 * g0:8 * g1]
@@ -188,8 +171,7 @@ def _unpack_groups(buf, out, g0, g1, bits):
             oo[8 * g + i] = (acc >> (bits * i)) & msk
 
 
-@jit(parallel=True)
-def _unpack_bits_par(buf, out, bits):
+def _unpack_bits(buf, out, bits):
     n = out.shape[0]
     ng = n // 8
     nb = (ng + _BLOCK - 1) // _BLOCK
@@ -198,6 +180,9 @@ def _unpack_bits_par(buf, out, bits):
         _unpack_groups(buf, out, g0, min(g0 + _BLOCK, ng), bits)
     if n - 8 * ng:
         _unpack_group(buf, out, ng, n - 8 * ng, bits)
+
+
+_unpack_bits, _unpack_bits_par = twins(_unpack_bits)
 
 
 def _packed_len(n, bits):
@@ -248,8 +233,6 @@ def unpack_bits(buf, bits, count):
     return out
 
 
-
-
 @jit()
 def _count_block(m, lo, hi):
     c = 0
@@ -259,20 +242,14 @@ def _count_block(m, lo, hi):
     return c
 
 
-@jit()
 def _mask_count(m, cnt):
-    n = m.shape[0]
-    for b in range(cnt.shape[0]):
-        lo = b * _BLOCK
-        cnt[b] = _count_block(m, lo, min(lo + _BLOCK, n))
-
-
-@jit(parallel=True)
-def _mask_count_par(m, cnt):
     n = m.shape[0]
     for b in prange(cnt.shape[0]):
         lo = b * _BLOCK
         cnt[b] = _count_block(m, lo, min(lo + _BLOCK, n))
+
+
+_mask_count, _mask_count_par = twins(_mask_count)
 
 
 @jit()
@@ -313,24 +290,16 @@ def _compact_block(cd, m, lo, hi, at, cnt, kbits, kmax, sym, tmp):
     return bad
 
 
-@jit()
 def _compact(cd, m, offsets, cnt, kbits, kmax, sym, bad):
-    n = m.shape[0]
-    tmp = np.empty(_BLOCK, np.uint8)
-    for b in range(offsets.shape[0]):
-        lo = b * _BLOCK
-        bad[b] = _compact_block(cd, m, lo, min(lo + _BLOCK, n), offsets[b], cnt[b], kbits,
-                                kmax, sym, tmp)
-
-
-@jit(parallel=True)
-def _compact_par(cd, m, offsets, cnt, kbits, kmax, sym, bad):
     n = m.shape[0]
     for b in prange(offsets.shape[0]):
         lo = b * _BLOCK
         tmp = np.empty(_BLOCK, np.uint8)
         bad[b] = _compact_block(cd, m, lo, min(lo + _BLOCK, n), offsets[b], cnt[b], kbits,
                                 kmax, sym, tmp)
+
+
+_compact, _compact_par = twins(_compact)
 
 
 @jit()
@@ -347,20 +316,14 @@ def _scatter_block(sym, m, cd, lo, hi, at, lut):
         k += kp
 
 
-@jit()
 def _scatter(sym, m, cd, offsets, lut):
-    n = m.shape[0]
-    for b in range(offsets.shape[0]):
-        lo = b * _BLOCK
-        _scatter_block(sym, m, cd, lo, min(lo + _BLOCK, n), offsets[b], lut)
-
-
-@jit(parallel=True)
-def _scatter_par(sym, m, cd, offsets, lut):
     n = m.shape[0]
     for b in prange(offsets.shape[0]):
         lo = b * _BLOCK
         _scatter_block(sym, m, cd, lo, min(lo + _BLOCK, n), offsets[b], lut)
+
+
+_scatter, _scatter_par = twins(_scatter)
 
 
 _LUT_CACHE = {}

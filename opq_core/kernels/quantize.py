@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._jit import jit, prange
+from .._jit import jit, prange, twins
 from .._check import _check_bits, _check_bool, _check_channels, _check_codes, _check_grid, _check_step, _check_weight, _fn
 from ._common import _finish, _index, _rows, _target, _use_parallel
 
@@ -97,18 +97,13 @@ def _fq_row(x, m, o, cd, want_codes, grid, s, theta, step, kmax):
     return bad
 
 
-@jit()
 def _fake_quant(x, m, o, cd, want_codes, grid, scale, threshold, step, kmax, bad):
-    for c in range(x.shape[0]):
-        cdc = cd[c] if want_codes else cd[0]
-        bad[c] = _fq_row(x[c], m[c], o[c], cdc, want_codes, grid, scale[c], threshold[c], step, kmax)
-
-
-@jit(parallel=True)
-def _fake_quant_par(x, m, o, cd, want_codes, grid, scale, threshold, step, kmax, bad):
     for c in prange(x.shape[0]):
         cdc = cd[c] if want_codes else cd[0]
         bad[c] = _fq_row(x[c], m[c], o[c], cdc, want_codes, grid, scale[c], threshold[c], step, kmax)
+
+
+_fake_quant, _fake_quant_par = twins(_fake_quant)
 
 
 def _quant_args(fn, w, mask, scale, threshold, step, bits, grid):
@@ -242,16 +237,12 @@ def _deq_row(cd, o, grid, s, theta, step, kmax):
     return bad
 
 
-@jit()
 def _dequantize(cd, o, grid, scale, threshold, step, kmax, bad):
-    for c in range(cd.shape[0]):
-        bad[c] = _deq_row(cd[c], o[c], grid, scale[c], threshold[c], step, kmax)
-
-
-@jit(parallel=True)
-def _dequantize_par(cd, o, grid, scale, threshold, step, kmax, bad):
     for c in prange(cd.shape[0]):
         bad[c] = _deq_row(cd[c], o[c], grid, scale[c], threshold[c], step, kmax)
+
+
+_dequantize, _dequantize_par = twins(_dequantize)
 
 
 def dequantize(codes, scale, threshold, step, bits, grid="offset", dtype=np.float32, *,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._jit import jit, prange
+from .._jit import jit, prange, twins
 from .._check import _check_bool, _check_float, _fn
 from ._common import _BLOCK, _finish, _target, _use_parallel
 from .quantize import _quant_args
@@ -28,19 +28,16 @@ def _ste_block(g, m, cl, o, lo, hi, use_clip):
             oo[j] = gg[j] if mm[j] else 0.0
 
 
-@jit()
 def _ste(g, m, cl, o, use_clip):
-    _ste_block(g, m, cl, o, 0, g.shape[0], use_clip)
-
-
-@jit(parallel=True)
-def _ste_par(g, m, cl, o, use_clip):
     n = g.shape[0]
     nb = (n + _BLOCK - 1) // _BLOCK
     for b in prange(nb):
         lo = b * _BLOCK
         hi = min(lo + _BLOCK, n)
         _ste_block(g, m, cl, o, lo, hi, use_clip)
+
+
+_ste, _ste_par = twins(_ste)
 
 
 def ste_backward(grad, mask, *, out=None, clip=None, layer=None):
@@ -92,16 +89,12 @@ def _clip_row(x, m, o, grid, s, theta, step, kmax):
             o[j] = m[j] and (np.rint(a / sd) > kmax)
 
 
-@jit()
 def _clip_mask(x, m, o, grid, scale, threshold, step, kmax):
-    for c in range(x.shape[0]):
-        _clip_row(x[c], m[c], o[c], grid, scale[c], threshold[c], step, kmax)
-
-
-@jit(parallel=True)
-def _clip_mask_par(x, m, o, grid, scale, threshold, step, kmax):
     for c in prange(x.shape[0]):
         _clip_row(x[c], m[c], o[c], grid, scale[c], threshold[c], step, kmax)
+
+
+_clip_mask, _clip_mask_par = twins(_clip_mask)
 
 
 def clip_mask(w, mask, scale, threshold, step, bits, grid="offset", *, layer=None):
