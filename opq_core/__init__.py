@@ -9,7 +9,8 @@
 128
 """
 from . import error_model, stats
-from .allocate import LayerPlan, Plan, plan
+from ._plan import LayerPlan, Plan
+from .allocate import plan
 from .format import CompressedFile, read_opq, write_opq
 from .io import load_weights, open_weights, save_weights
 

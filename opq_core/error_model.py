@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 BITS_RANGE = range(1, 9)
-GRIDS = ("offset", "symmetric")
+from ._check import GRIDS  # noqa: E402,F401 (one definition)
 
 
 def levels(bits: int) -> int:

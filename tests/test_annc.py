@@ -245,7 +245,7 @@ def test_kmeans_optimal_vs_exhaustive(seed, n, b):
 @settings(max_examples=15, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2**31), n=st.integers(2, 40), k=st.integers(1, 9))
 def test_dp_equals_naive_dp(seed, n, k):
-    from opq_core.annc import _Side
+    from opq_core.annc.kmeans import _Side
     rng = np.random.default_rng(seed)
     a = np.sort(np.abs(rng.laplace(size=n)))
     s = _Side(a, exact_max=10_000, max_iter=50)

@@ -1,0 +1,441 @@
+"""The plan: pure data (per-layer bits, grid, steps, scales, thresholds, masks), the OPQ
+rule that every part of opq shares (:func:`opq_scores`, :func:`channel_thresholds`), and
+applying a plan to weights (realized masks, dequantized fake-quant weights).
+
+A plan is plain data (``to_dict`` / ``to_json`` / ``from_dict``): any framework can call the
+core and apply it. The solver that produces one is :func:`opq_core.plan`
+(:mod:`opq_core.allocate`). (This module is ``_plan`` so that its name never shadows that
+function on the package.)
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from .kernels import fake_quant, mask_from_scores, scores
+from .kernels.codebook import fake_quant_codebook
+from .stats import check_weight
+
+__all__ = ["LayerPlan", "Plan", "opq_scores", "channel_thresholds", "layer_mask",
+           "layer_mask_from", "apply_layer", "compute_dtype", "PLAN_VERSION"]
+
+#: Version of the plan's dict/JSON form.
+PLAN_VERSION = 1
+
+# ---------------------------------------------------------------------------
+# result objects
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, repr=False)
+class LayerPlan:
+    """The plan of one compressed layer (pure data).
+
+    Attributes
+    ----------
+    name, shape, dtype : the tensor.
+    bits : bits per kept weight (sign + ``bits - 1`` magnitude bits).
+    grid : ``"offset"`` or ``"symmetric"``.
+    step : normalized quantizer step ``D`` (absolute step of channel c is ``scale[c] * step``).
+    channel_scale : per-output-channel scale ``s_c`` (float64 values exactly representable in
+        ``scale_dtype``).
+    scale_dtype : ``"float16"`` when every scale is a normal float16 number, else ``"float32"``.
+    lam : the score threshold: a weight is pruned when ``w^2 - score_q * s_c^2 < lam``.
+    score_q : normalized quantization error used in the score (``c_B`` for "opq", 0 for the
+        magnitude baselines).
+    quant_error : predicted normalized mean squared error of a kept weight (``c_B``).
+    kept : number of kept weights.
+    predicted_sparsity : sparsity the Laplace model predicts for this layer.
+    pruning_error : sum of the squared pruned weights (measured).
+    predicted_error : ``pruning_error + sum_kept quant_error * s_c^2``.
+    codebook : ``None`` for the uniform grids; for ``grid == "codebook"`` (ANNC's
+        non-uniform quantizer) the sorted non-zero centroids in absolute units (float64
+        values exactly representable in float32, at most ``2**bits`` of them). A kept weight
+        takes the nearest centroid; its code is ``1 + index`` (0 = pruned), packed as the
+        ``bits``-bit symbol ``index``. ``channel_scale``, ``step`` and ``lam`` are unused
+        by the quantizer then, and the mask must be stored (it is not derived from a score).
+    """
+
+    name: str
+    shape: tuple
+    dtype: str
+    bits: int
+    grid: str
+    step: float
+    channel_scale: np.ndarray
+    scale_dtype: str
+    lam: float
+    score_q: float
+    quant_error: float
+    kept: int
+    predicted_sparsity: float
+    pruning_error: float
+    predicted_error: float
+    codebook: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def channels(self) -> int:
+        return int(self.shape[0])
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.kept / self.n if self.n else 0.0
+
+    @property
+    def scale(self) -> float:
+        """Layer scale: the mean of the channel scales weighted by channel size."""
+        return float(np.mean(self.channel_scale)) if self.channel_scale.size else 0.0
+
+    @property
+    def kernel_scale(self) -> np.ndarray:
+        """``channel_scale`` with the all-zero ("dead") channels' 0 replaced by 1.
+
+        Dead channels are pruned whole, so any positive scale decodes them to 0.0; the
+        kernels require positive scales."""
+        s = np.asarray(self.channel_scale, dtype=np.float64)
+        return np.where(s > 0, s, 1.0)
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        """Per-channel magnitude thresholds ``theta_c = sqrt(max(0, lam + score_q s_c^2))``."""
+        return channel_thresholds(self.lam, self.score_q, self.channel_scale)
+
+    @property
+    def size_bits(self) -> int:
+        """Paper accounting: ``bits * kept``."""
+        return int(self.bits) * int(self.kept)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+            "bits": int(self.bits), "grid": self.grid, "step": float(self.step),
+            "channel_scale": [float(v) for v in self.channel_scale],
+            "scale_dtype": self.scale_dtype, "lam": float(self.lam),
+            "score_q": float(self.score_q), "quant_error": float(self.quant_error),
+            "kept": int(self.kept), "predicted_sparsity": float(self.predicted_sparsity),
+            "pruning_error": float(self.pruning_error),
+            "predicted_error": float(self.predicted_error),
+            "codebook": (None if self.codebook is None
+                         else [float(v) for v in self.codebook]),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "LayerPlan":
+        d = dict(d)
+        d["shape"] = tuple(int(s) for s in d["shape"])
+        d["channel_scale"] = np.asarray(d["channel_scale"], dtype=np.float64)
+        if d.get("codebook") is not None:
+            d["codebook"] = np.asarray(d["codebook"], dtype=np.float64)
+        d["bits"] = int(d["bits"])
+        d["kept"] = int(d["kept"])
+        for k in ("step", "lam", "score_q", "quant_error", "predicted_sparsity",
+                  "pruning_error", "predicted_error"):
+            d[k] = float(d[k])
+        return cls(**d)
+
+    def __eq__(self, other):
+        if not isinstance(other, LayerPlan):
+            return NotImplemented
+        a, b = self.to_dict(), other.to_dict()
+        return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+    def __hash__(self):
+        return hash((self.name, self.shape, self.bits, self.kept))
+
+    def __repr__(self):
+        return (f"LayerPlan({self.name!r}, shape={self.shape}, bits={self.bits}, "
+                f"sparsity={self.sparsity:.4f}, kept={self.kept})")
+
+
+def channel_thresholds(lam: float, score_q: float, channel_scale) -> np.ndarray:
+    """The OPQ rule as magnitude thresholds: ``sqrt(max(0, lam + score_q * s^2))`` per
+    channel (float64); a weight is kept iff ``|w| >= threshold`` (see :func:`opq_scores`)."""
+    s = np.asarray(channel_scale, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        v = lam + score_q * (s * s)
+    v = np.where(np.isnan(v), 0.0, v)
+    return np.sqrt(np.maximum(v, 0.0))
+
+
+@dataclass(frozen=True, repr=False)
+class Plan:
+    """A compression plan: one :class:`LayerPlan` per compressed layer plus totals.
+
+    Like :class:`scipy.optimize.OptimizeResult` it carries ``success``, ``status`` (0: the
+    target was met; 1: met with a documented deviation; 2: infeasible) and ``message``.
+    """
+
+    layers: tuple
+    method: str
+    channelwise: str
+    grid: str
+    error_model: str
+    target_sparsity: float | None
+    budget_bits: float | None
+    lam: float
+    skipped: tuple = ()
+    success: bool = True
+    status: int = 0
+    message: str = ""
+    min_budget_bits: float | None = None
+    stats_seconds: float = 0.0
+    solve_seconds: float = 0.0
+    select_seconds: float = 0.0
+    version: int = PLAN_VERSION
+
+    # ---- totals -----------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return sum(layer.n for layer in self.layers)
+
+    @property
+    def kept(self) -> int:
+        return sum(layer.kept for layer in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        n = self.n
+        return 1.0 - self.kept / n if n else 0.0
+
+    @property
+    def size_bits(self) -> int:
+        """``sum_i bits_i * nnz_i`` over the compressed layers."""
+        return sum(layer.size_bits for layer in self.layers)
+
+    @property
+    def paper_rate(self) -> float:
+        """``32 N / sum_i bits_i nnz_i`` (no index, no codebook): the papers' figure."""
+        b = self.size_bits
+        return 32.0 * self.n / b if b else math.inf
+
+    @property
+    def predicted_error(self) -> float:
+        return float(sum(layer.predicted_error for layer in self.layers))
+
+    @property
+    def pruning_error(self) -> float:
+        return float(sum(layer.pruning_error for layer in self.layers))
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of :func:`plan`: statistics + solve + mask selection."""
+        return self.stats_seconds + self.solve_seconds + self.select_seconds
+
+    def __getitem__(self, name: str) -> LayerPlan:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"plan has no layer {name!r}")
+
+    def __contains__(self, name) -> bool:
+        return any(layer.name == name for layer in self.layers)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self):
+        return len(self.layers)
+
+    @property
+    def names(self) -> list:
+        return [layer.name for layer in self.layers]
+
+    # ---- applying ------------------------------------------------------------------
+    def masks(self, weights: Mapping) -> dict:
+        """Realized boolean masks (True = kept), one per compressed layer."""
+        return {lp.name: layer_mask(lp, self._weight(weights, lp)) for lp in self.layers}
+
+    def apply(self, weights: Mapping, *, masks: Mapping | None = None) -> dict:
+        """Dequantized (fake-quant) weights: every compressed layer pruned and quantized,
+        every other tensor returned as it was."""
+        out = {}
+        names = set(self.names)
+        for name, w in weights.items():
+            if name in names:
+                lp = self[name]
+                m = None if masks is None else masks[name]
+                out[name] = apply_layer(lp, self._weight(weights, lp), mask=m)
+            else:
+                out[name] = w
+        missing = names - set(out)
+        if missing:
+            raise ValueError(f"weights: missing compressed layer(s) {sorted(missing)}")
+        return out
+
+    def _weight(self, weights: Mapping, lp: LayerPlan) -> np.ndarray:
+        if lp.name not in weights:
+            raise ValueError(f"weights: the plan's layer {lp.name!r} is missing")
+        w = check_weight(lp.name, weights[lp.name])
+        if tuple(w.shape) != tuple(lp.shape):
+            raise ValueError(
+                f"weights[{lp.name!r}]: shape {tuple(w.shape)} does not match the plan's "
+                f"{tuple(lp.shape)} (a plan for another model?)")
+        return w
+
+    # ---- serialization -----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version, "method": self.method,
+            "channelwise": self.channelwise, "grid": self.grid,
+            "error_model": self.error_model, "target_sparsity": self.target_sparsity,
+            "budget_bits": self.budget_bits, "lam": float(self.lam),
+            "skipped": list(self.skipped), "success": bool(self.success),
+            "status": int(self.status), "message": self.message,
+            "min_budget_bits": self.min_budget_bits,
+            "stats_seconds": float(self.stats_seconds),
+            "solve_seconds": float(self.solve_seconds),
+            "select_seconds": float(self.select_seconds),
+            "layers": [layer.to_dict() for layer in self.layers],
+            "totals": {"n": self.n, "kept": self.kept, "sparsity": self.sparsity,
+                       "size_bits": self.size_bits, "paper_rate": self.paper_rate,
+                       "predicted_error": self.predicted_error},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Plan":
+        d = dict(d)
+        d.pop("totals", None)
+        version = int(d.get("version", PLAN_VERSION))
+        if version > PLAN_VERSION:
+            raise ValueError(f"plan: version {version} is newer than this opq ({PLAN_VERSION})")
+        d["version"] = version
+        d["layers"] = tuple(LayerPlan.from_dict(x) for x in d["layers"])
+        d["skipped"] = tuple(d.get("skipped", ()))
+        d["lam"] = float(d["lam"])
+        return cls(**d)
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.from_dict(json.loads(text))
+
+    def __eq__(self, other):
+        if not isinstance(other, Plan):
+            return NotImplemented
+        return self.to_json(sort_keys=True) == other.to_json(sort_keys=True)
+
+    def __hash__(self):
+        return hash((self.method, len(self.layers), self.kept))
+
+    # ---- display -------------------------------------------------------------------
+    def table(self, *, max_rows: int | None = None) -> str:
+        """The per-layer table with totals (plain text)."""
+        head = (f"{'layer':<28} {'shape':<18} {'n':>10} {'scale':>9} {'sparsity':>8} "
+                f"{'pred.sp':>7} {'kept':>10} {'bits':>4} {'step':>7} {'pred.err':>10}")
+        rows = [head, "-" * len(head)]
+        layers = self.layers if max_rows is None else self.layers[:max_rows]
+        for lp in layers:
+            shape = "x".join(str(s) for s in lp.shape)
+            rows.append(
+                f"{_clip(lp.name, 28):<28} {_clip(shape, 18):<18} {lp.n:>10d} {lp.scale:>9.3g} "
+                f"{lp.sparsity:>8.4f} {lp.predicted_sparsity:>7.4f} {lp.kept:>10d} "
+                f"{lp.bits:>4d} {lp.step:>7.4f} {lp.predicted_error:>10.4g}")
+        if max_rows is not None and len(self.layers) > max_rows:
+            rows.append(f"... {len(self.layers) - max_rows} more layers")
+        rows.append("-" * len(head))
+        rows.append(
+            f"{'total':<28} {len(self.layers):>3d} layers{'':<8} {self.n:>10d} {'':>9} "
+            f"{self.sparsity:>8.4f} {'':>7} {self.kept:>10d} {'':>4} {'':>7} "
+            f"{self.predicted_error:>10.4g}")
+        rows.append(
+            f"method={self.method} channelwise={self.channelwise} grid={self.grid} "
+            f"error_model={self.error_model} paper_rate={self.paper_rate:.2f}x "
+            f"size={self.size_bits / 8 / 1024:.1f} KiB stats={self.stats_seconds * 1e3:.1f} ms "
+            f"solve={self.solve_seconds * 1e3:.1f} ms select={self.select_seconds * 1e3:.1f} ms")
+        rows.append(f"success={self.success} status={self.status}: {self.message}")
+        return "\n".join(rows)
+
+    def __repr__(self):
+        return f"Plan(\n{self.table(max_rows=40)}\n)"
+
+
+def _clip(s: str, n: int) -> str:
+    return s if len(s) <= n else "…" + s[-(n - 1):]
+
+
+# ---------------------------------------------------------------------------
+# the OPQ rule
+# ---------------------------------------------------------------------------
+
+def opq_scores(w, score_q: float, channel_scale) -> np.ndarray:
+    r"""The OPQ rule's score of every weight of one layer (flat, float64).
+
+    Pruning a weight :math:`w` of output channel :math:`c` changes the layer's squared error
+    by :math:`w^2 - q_c`, where :math:`q_c = c_B s_c^2` (``score_q * channel_scale**2``) is
+    the quantization error the weight would cost if kept. One global multiplier
+    :math:`\lambda` (the realized score quantile) then decides every weight of the network:
+
+    .. math::
+
+        \text{prune } w \iff w^2 - q_c < \lambda
+        \iff |w| < \theta_c = \sqrt{\max(0, \lambda + q_c)}.
+
+    ``score_q = 0`` gives global magnitude pruning. Channels with scale 0 score ``-inf``
+    (always pruned). This is the one definition the solvers, :meth:`Plan.masks`, the format
+    and the tests use (computed by the kernel :func:`opq_core.kernels.scores`);
+    :func:`channel_thresholds` is the same rule as a per-channel magnitude threshold.
+
+    >>> opq_scores(np.array([[0.5, -2.0]]), 1.0, [1.0])
+    array([-0.75,  3.  ])
+    """
+    s = np.asarray(channel_scale, dtype=np.float64)
+    return scores(np.asarray(w), float(score_q) * (s * s), s <= 0)
+
+
+#: Former name of :func:`opq_scores`.
+score_layer = opq_scores
+
+
+# ---------------------------------------------------------------------------
+# applying a plan
+# ---------------------------------------------------------------------------
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """The float dtype the kernels compute a layer in: float32/float64 as given, float16
+    (and anything else) in float32; results are cast back to the layer's dtype."""
+    dt = np.dtype(dtype)
+    return dt if dt in (np.float32, np.float64) else np.dtype(np.float32)
+
+
+def layer_mask_from(score: np.ndarray, lam: float, kept: int, name: str = "?") -> np.ndarray:
+    """Flat mask keeping every score > lam, then the first (flat order) ties == lam up
+    to exactly ``kept`` kept entries (the kernel :func:`opq_core.kernels.mask_from_scores`)."""
+    score = np.asarray(score, dtype=np.float64).reshape(-1)
+    try:
+        return mask_from_scores(score, lam, kept)
+    except ValueError as exc:
+        raise ValueError(f"layer {name!r}: {exc} (weights differ from the planned ones?)") from None
+
+
+def layer_mask(lp, w) -> np.ndarray:
+    """The realized boolean mask (shape of the layer) of plan layer ``lp``."""
+    score = score_layer(w, lp.score_q, lp.channel_scale)
+    return layer_mask_from(score, lp.lam, lp.kept, lp.name).reshape(lp.shape)
+
+
+def apply_layer(lp, w, mask=None) -> np.ndarray:
+    """Dequantized weights of one layer (same dtype as ``w``)."""
+    w = np.asarray(w)
+    if mask is None:
+        if lp.grid == "codebook":
+            raise ValueError(f"layer {lp.name!r}: a codebook (ANNC) layer needs its stored mask; "
+                             "pass masks=")
+        mask = layer_mask(lp, w)
+    dtype = compute_dtype(w.dtype)
+    if lp.grid == "codebook":
+        out = fake_quant_codebook(w.astype(dtype, copy=False), np.asarray(mask, dtype=bool),
+                                  lp.codebook)
+        return out.astype(w.dtype, copy=False)
+    out = fake_quant(w.astype(dtype, copy=False), np.asarray(mask, dtype=bool), lp.kernel_scale,
+                     lp.thresholds, lp.step, lp.bits, lp.grid, layer=lp.name)
+    return out.astype(w.dtype, copy=False)
