@@ -11,7 +11,7 @@ import numpy as np
 
 from ._jit import jit, prange
 from . import error_model as em
-from ._plan import score_layer
+from ._plan import paper_rate, rate_budget_bits, score_layer
 from ._solver import (_Context, _build_layers, _kth_smallest, _layer_constants, _mean_threshold,
                       _predicted_sparsity_lam)
 from .stats import as_matrix
@@ -76,7 +76,7 @@ def _lagrangian(ctx, qn_table, bits_set, mu):
 def _solve_budget(ctx: _Context, budget, bits_set):
     L = len(ctx.names)
     N = int(ctx.sizes.sum())
-    S = 32.0 * N / budget[1] if budget[0] == "rate" else budget[1]
+    S = rate_budget_bits(N, budget[1]) if budget[0] == "rate" else budget[1]
     min_feasible = float(L * min(bits_set))
     use_q = ctx.method == "opq"
     # normalized constants per layer and width (Laplace: the same for all layers)
@@ -118,7 +118,7 @@ def _solve_budget(ctx: _Context, budget, bits_set):
     pred = np.array([_predicted_sparsity_lam(ctx, score_q, lams[i])[i] for i in range(L)])
     layers = _build_layers(ctx, bits, steps, qn, score_q, lams, kept, pred)
     used = sum(b * k for b, k in zip(bits, kept))
-    msg = f"size {used} bits of a budget of {S:.0f} bits (paper_rate {32.0 * N / max(used, 1):.2f}x)"
+    msg = f"size {used} bits of a budget of {S:.0f} bits (paper_rate {paper_rate(N, max(used, 1)):.2f}x)"
     return layers, mu, 0, msg, min_feasible
 
 

@@ -21,10 +21,31 @@ from .kernels.codebook import fake_quant_codebook
 from .stats import check_weight
 
 __all__ = ["LayerPlan", "Plan", "opq_scores", "channel_thresholds", "layer_mask",
-           "layer_mask_from", "apply_layer", "compute_dtype", "PLAN_VERSION"]
+           "layer_mask_from", "apply_layer", "compute_dtype", "PLAN_VERSION", "paper_rate",
+           "rate_budget_bits"]
 
 #: Version of the plan's dict/JSON form.
 PLAN_VERSION = 1
+
+
+def paper_rate(n: int, size_bits: float) -> float:
+    """The papers' compression figure ``32 N / sum_i bits_i nnz_i`` of ``n`` weights stored
+    in ``size_bits`` bits (no index, no codebook; ``inf`` for 0 bits).
+
+    >>> paper_rate(1000, 4000), paper_rate(10, 0)
+    (8.0, inf)
+    """
+    return 32.0 * n / size_bits if size_bits else math.inf
+
+
+def rate_budget_bits(n: int, rate: float) -> float:
+    """The size budget in bits that gives ``n`` weights the paper_rate ``rate``
+    (the inverse of :func:`paper_rate`).
+
+    >>> rate_budget_bits(1000, 8.0)
+    4000.0
+    """
+    return 32.0 * n / rate
 
 # ---------------------------------------------------------------------------
 # result objects
@@ -212,8 +233,7 @@ class Plan:
     @property
     def paper_rate(self) -> float:
         """``32 N / sum_i bits_i nnz_i`` (no index, no codebook): the papers' figure."""
-        b = self.size_bits
-        return 32.0 * self.n / b if b else math.inf
+        return paper_rate(self.n, self.size_bits)
 
     @property
     def predicted_error(self) -> float:

@@ -26,7 +26,7 @@ from scipy import optimize
 
 from . import error_model as em
 from .stats import check_weight, layer_stats
-from ._plan import LayerPlan, Plan, channel_thresholds, score_layer  # noqa: F401 (re-exported)
+from ._plan import LayerPlan, Plan, channel_thresholds, rate_budget_bits, score_layer  # noqa: F401
 from ._solver import (_Context, _LazyList, _Reread, _build_layers, _channel_table, _dead, _is_lazy,
                       _layer_constants, _mean_threshold, _predicted_sparsity_lam,
                       _pruned_per_channel, _round_scales, _select_layers)
@@ -132,7 +132,7 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
         layers, lam, status, message, min_budget = _solve_budget(ctx, budget, bits_set)
     t2 = time.perf_counter()
     if budget is not None:
-        budget = budget[1] if budget[0] == "bits" else 32.0 * int(ctx.sizes.sum()) / budget[1]
+        budget = budget[1] if budget[0] == "bits" else rate_budget_bits(int(ctx.sizes.sum()), budget[1])
     return Plan(layers=tuple(layers), method=method, channelwise=channelwise, grid=grid,
                 error_model=error_model, target_sparsity=sparsity,
                 budget_bits=None if budget is None else float(budget), lam=float(lam),

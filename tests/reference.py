@@ -1,6 +1,6 @@
 """Slow, obviously-correct NumPy oracles of the kernels in :mod:`opq_core.kernels`.
 
-Every oracle follows the formula of DESIGN.md with the kernels' operation order: the
+Every oracle follows the formula of docs/model.md with the kernels' operation order: the
 arithmetic is float64, element-wise in the order written, and the result is cast to the
 output dtype at the very end. The kernels must equal these bit for bit.
 
@@ -77,7 +77,7 @@ def _quantize(w, mask, scale, threshold, step, bits, grid):
 
 
 def fake_quant(w, mask, scale, threshold, step, bits, grid="offset"):
-    """Pruned + fake-quantized weights (dtype of w): DESIGN.md's quantizer, sign(0) = +1."""
+    """Pruned + fake-quantized weights (dtype of w): the quantizer of docs/model.md, sign(0) = +1."""
     w = np.asarray(w)
     x, m, s, th, kf = _quantize(w, mask, scale, threshold, step, bits, grid)
     lv = _level(kf, grid, s, th, float(step))

@@ -8,7 +8,7 @@ from typing import Mapping
 import numpy as np
 
 from .._check import BITS
-from .._plan import LayerPlan, Plan, compute_dtype
+from .._plan import LayerPlan, Plan, compute_dtype, paper_rate, rate_budget_bits
 from ..kernels.codebook import check_codebook, fake_quant_codebook
 from ._common import _bad_weight, _check_budget, _layers, _per_layer_int
 from .kmeans import kmeans_zero_anchored
@@ -308,12 +308,12 @@ def annc_budget(weights: Mapping, *, rate=None, budget_bits=None) -> int:
         if not (math.isfinite(r) and r > 1.0):
             raise ValueError(f"rate must be a finite number > 1 (32-bit floats are rate 1), "
                              f"got {rate!r}")
-        S = int(math.floor(32.0 * N / r))
+        S = int(math.floor(rate_budget_bits(N, r)))
         if S < L:
             raise ValueError(
                 f"rate={rate!r} gives budget_bits={S} for {N} weights, below the smallest "
                 f"feasible budget {L} bits (1 bit x 1 weight in each of {L} layers); the "
-                f"largest feasible rate is {32.0 * N / L:.6g}")
+                f"largest feasible rate is {paper_rate(N, L):.6g}")
         return S
     S = _check_budget(budget_bits)
     if S < L:

@@ -47,7 +47,7 @@ def scores(w, q_c, dead=None, out=None, *, layer=None):
     r"""Pruning scores of one layer, flattened: :math:`w^2 - q_c` (float64).
 
     Pruning a kept weight of channel ``c`` changes the error by ``w**2 - q_c`` (see
-    DESIGN.md); the network keeps the largest scores. Channels marked ``dead`` (scale 0)
+    docs/model.md); the network keeps the largest scores. Channels marked ``dead`` (scale 0)
     score ``-inf`` and go first.
 
     Parameters
