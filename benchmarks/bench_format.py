@@ -174,6 +174,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true",
                     help="MobileNet-V1, sparsity 0.9 x bits 4, a 256 MB file for the RSS")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS measurement")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder")
     args = ap.parse_args(argv)
     if args.quick:
         arch, sps, bitss, repeat, big = "mobilenet_v1", [0.9], [4], 1, 256 << 20
@@ -185,7 +186,7 @@ def main(argv=None):
             res["plan_memory"] = peak_rss_plan(big, folder)
     res["machine"] = machine()
     name = "bench_format.quick" if args.quick else "bench_format"
-    out = os.path.join(HERE, "results")
+    out = args.out
     os.makedirs(out, exist_ok=True)
     text = json.dumps(res, indent=1, default=float)
     cols = ["sparsity", "bits", "paper_rate", "limit KiB", "side KiB", "ent KiB", "ent / limit",
