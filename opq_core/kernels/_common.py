@@ -5,10 +5,17 @@ import threading
 
 import numpy as np
 
-from .._jit import PARALLEL_MIN_SIZE, threading_layer_is_safe
+from .._jit import PARALLEL_MIN_SIZE, jit, threading_layer_is_safe
 
 #: Block length of the flat (1-D) parallel kernels.
 _BLOCK = 1 << 15
+
+
+@jit()
+def _bounds(b, n):
+    """``[lo, hi)`` of block ``b`` of a flat array of ``n`` entries."""
+    lo = b * _BLOCK
+    return lo, min(lo + _BLOCK, n)
 
 
 def _use_parallel(n: int) -> bool:

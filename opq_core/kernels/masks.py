@@ -7,7 +7,7 @@ import numpy as np
 
 from .._jit import jit, prange, twins
 from .._check import _as_array, _check_bool, _check_channels, _check_int, _check_weight, _fn
-from ._common import _BLOCK, _finish, _index, _rows, _target, _use_parallel
+from ._common import _bounds, _BLOCK, _finish, _index, _rows, _target, _use_parallel
 
 #: Arrays at least this long use the sampled candidate band in :func:`select_smallest`.
 _SELECT_MIN = 1 << 16
@@ -100,8 +100,7 @@ def _mfs_block(s, m, lam, lo, hi):
 def _mfs_pass1(s, m, lam, gt, eq, nan):
     n = s.shape[0]
     for b in prange(gt.shape[0]):
-        lo = b * _BLOCK
-        hi = min(lo + _BLOCK, n)
+        lo, hi = _bounds(b, n)
         gt[b], eq[b], nan[b] = _mfs_block(s, m, lam, lo, hi)
 
 
@@ -204,8 +203,7 @@ def _band_block(x, lo_v, hi_v, lo, hi):
 def _band_count(x, lo_v, hi_v, below, band, nan):
     n = x.shape[0]
     for b in prange(below.shape[0]):
-        lo = b * _BLOCK
-        hi = min(lo + _BLOCK, n)
+        lo, hi = _bounds(b, n)
         below[b], band[b], nan[b] = _band_block(x, lo_v, hi_v, lo, hi)
 
 
@@ -225,8 +223,7 @@ def _band_collect_block(x, lo_v, hi_v, cand, at, lo, hi):
 def _band_collect(x, lo_v, hi_v, offsets, cand):
     n = x.shape[0]
     for b in prange(offsets.shape[0]):
-        lo = b * _BLOCK
-        hi = min(lo + _BLOCK, n)
+        lo, hi = _bounds(b, n)
         _band_collect_block(x, lo_v, hi_v, cand, offsets[b], lo, hi)
 
 
@@ -328,8 +325,7 @@ def _abs_row(x, o):
 def _abs_flat_par(x, o):
     n = x.shape[0]
     for b in prange((n + _BLOCK - 1) // _BLOCK):
-        lo = b * _BLOCK
-        hi = min(lo + _BLOCK, n)
+        lo, hi = _bounds(b, n)
         _abs_row(x[lo:hi], o[lo:hi])
 
 

@@ -5,7 +5,7 @@ import numpy as np
 
 from .._jit import jit, prange, twins
 from .._check import _check_bool, _check_float, _fn
-from ._common import _BLOCK, _finish, _target, _use_parallel
+from ._common import _bounds, _BLOCK, _finish, _target, _use_parallel
 from .quantize import _quant_args
 
 
@@ -32,8 +32,7 @@ def _ste(g, m, cl, o, use_clip):
     n = g.shape[0]
     nb = (n + _BLOCK - 1) // _BLOCK
     for b in prange(nb):
-        lo = b * _BLOCK
-        hi = min(lo + _BLOCK, n)
+        lo, hi = _bounds(b, n)
         _ste_block(g, m, cl, o, lo, hi, use_clip)
 
 
