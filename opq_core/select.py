@@ -26,7 +26,20 @@ import numpy as np
 from ._jit import jit, prange
 from .stats import as_matrix
 
-__all__ = ["Selection", "select_global", "sample_scores"]
+__all__ = ["Selection", "select_global", "sample_scores", "band_half_width"]
+
+
+def band_half_width(n_samples: int, p: float, margin: float, widen: float = 1.0) -> float:
+    """Half-width of the candidate band around the quantile ``p``, as a fraction of the
+    population, from a sample of ``n_samples``: five binomial standard deviations of the
+    sample's rank plus ``margin``, times ``widen`` (doubled after every miss). Shared by
+    this selection and ANNC's pruning projection.
+
+    >>> round(band_half_width(10_000, 0.5, 0.002), 6)
+    0.027
+    """
+    n = max(int(n_samples), 1)
+    return widen * (5.0 * math.sqrt(max(n * p * (1.0 - p), 1.0)) / n + margin)
 
 
 @jit(parallel=True)
@@ -215,14 +228,12 @@ def select_global(weights, qcs, s2s, deads, k: int, *, sample_size: int | None =
         if widen > 64:
             lo, hi = -math.inf, math.inf
         else:
-            n_eff = allsamp.size
-            m = widen * (5.0 * math.sqrt(max(n_eff * p * (1 - p), 1.0)) / n_eff + margin) * N
+            m = band_half_width(allsamp.size, p, margin, widen) * N
             i_lo = int(np.searchsorted(cum, k - m, side="left")) - 1
             i_hi = int(np.searchsorted(cum, k + m, side="left")) + 1
             lo = -math.inf if i_lo < 0 else float(allsamp[order[i_lo]])
             hi = math.inf if i_hi >= allsamp.size else float(allsamp[order[i_hi]])
-        frac = min(1.0, 2.5 * widen * (2 * (5.0 * math.sqrt(max(allsamp.size * p * (1 - p), 1.0))
-                                               / max(allsamp.size, 1) + margin)))
+        frac = min(1.0, 2.5 * widen * 2 * band_half_width(allsamp.size, p, margin))
         res = [_run_pass(w, q, s2, d, lo, hi, frac) for w, q, s2, d in zip(weights, qcs, s2s, deads)]
         passes += 1
         below = sum(r.below for r in res)

@@ -9,6 +9,7 @@ from typing import Mapping
 import numpy as np
 
 from .._jit import PARALLEL_MIN_SIZE, jit, prange
+from ..select import band_half_width
 from ._common import _BLOCK, _bad_weight, _check_budget, _layers, _per_layer_int
 
 # ---------------------------------------------------------------------------
@@ -304,7 +305,7 @@ def prune_to_budget(weights: Mapping, bits, budget_bits, *, min_kept: int = 1,
         if widen > 64 or total_est <= 0:
             lo, hi = 0.0, math.inf
         else:
-            m = widen * (5.0 * math.sqrt(max(ns * p * (1 - p), 1.0)) / ns + margin) * total_est
+            m = band_half_width(ns, p, margin, widen) * total_est
             i_hi = int(np.searchsorted(cum, R_est - m, side="left")) - 1
             i_lo = int(np.searchsorted(cum, R_est + m, side="right")) + 1
             hi = math.inf if i_hi < 0 else float(sd_o[i_hi])
