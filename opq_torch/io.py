@@ -13,6 +13,8 @@ True
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -21,8 +23,8 @@ from opq_core.format import CompressedFile, read_opq, write_opq
 from dataclasses import replace as dc_replace
 
 from ._layers import discover
-from .compress import (_install, _prepare, compressed_weights, is_compressed, masks_of,
-                       plan_of, restore)
+from .compress import (_install, _opq_entries, _prepare, compress, compressed_weights, is_compressed,
+                       masks_of, plan_from_state_dict, plan_of)
 
 __all__ = ["save", "load", "load_pretrained"]
 
@@ -39,8 +41,11 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 def _other_tensors(model) -> dict:
     """Every state_dict tensor that is not a compressed layer or opq's own bookkeeping."""
     out = {}
+    aliases = discover(model, fn="save").aliases  # a tied tensor is stored once
     for k, v in model.state_dict().items():
         if _PARAM in k or k.startswith(_PARAM[1:]) or not isinstance(v, torch.Tensor):
+            continue
+        if k in aliases:
             continue
         out[k] = _numpy(v)
     return out
@@ -111,13 +116,18 @@ def load(path, model, *, progress: bool = False) -> CompressedFile:
     layers = discover(model, fn="load")
     canon = layers.aliases  # alias name -> the first state_dict name of the shared tensor
     sd = model.state_dict()
-    tensors = {}
+    tensors, ignored = {}, []
     for name, arr in list(cf.other.items()) + list(cf.weights.items()):
         key = canon.get(name, name)
         if key in tensors:
             raise ValueError(f"{where}: the file stores {name!r} and {key!r}, which are one "
                              f"tied tensor in this model")
         if key not in sd:
+            if arr.dtype.kind in "iub" and name not in cf.weights:
+                # integer buffers a checkpoint holds and the model builds itself (BERT's
+                # position_ids is non-persistent in recent transformers): not loaded
+                ignored.append(name)
+                continue
             raise ValueError(f"{where}: the file has tensor {name!r} (shape {tuple(arr.shape)}), "
                              "the model has no such entry (a file for another model?)")
         if tuple(sd[key].shape) != tuple(arr.shape):
@@ -145,6 +155,9 @@ def load(path, model, *, progress: bool = False) -> CompressedFile:
     # only now is the model changed
     model.load_state_dict(new_sd, strict=True)
     _install(plan, layers, installed)
+    if ignored:
+        warnings.warn(f"load: {str(path)!r}: integer tensor(s) the model does not hold were "
+                      f"not loaded: {', '.join(ignored)}", UserWarning, stacklevel=2)
     return cf
 
 
@@ -204,8 +217,25 @@ def load_pretrained(folder, model):
         raise TypeError(f"load_pretrained: model must be a torch.nn.Module, got "
                         f"{type(model).__name__}")
     sd = _read_state_dict(folder)
-    layers = discover(model, fn="load_pretrained")
-    # save_pretrained drops tied names; the model's other names of a shared tensor are
-    # not in a compressed model's state_dict anyway
-    sd = {k: v for k, v in sd.items() if k not in layers.aliases}
-    return restore(model, sd)
+    aliases = discover(model, fn="load_pretrained").aliases
+    # save_pretrained keeps one name of a tied tensor: give the model's other names the
+    # same tensor (a compressed tied tensor has no other names in the compressed model)
+    for alias, name in aliases.items():
+        if alias not in sd and name in sd:
+            sd[alias] = sd[name]
+    for path, attr, st in _opq_entries(sd):
+        saved = (path + "." if path else "") + attr
+        name = st["layer"]["name"]
+        if saved != name and name not in aliases and saved not in aliases:
+            raise ValueError(
+                f"load_pretrained: {str(folder)!r} stores layer {name!r} as {saved!r}: "
+                "save_pretrained renamed the model's tensors (transformers converts the keys "
+                "of some architectures when saving); save the compressed model with "
+                "opq_torch.save or torch.save(model.state_dict()) and use opq_torch.load or "
+                "opq_torch.restore instead")
+    plan, masks = plan_from_state_dict(sd)
+    compress(model, plan, masks=masks)
+    want = set(model.state_dict())
+    model.load_state_dict({k: v for k, v in sd.items() if k in want or k not in aliases},
+                          strict=True)
+    return plan
