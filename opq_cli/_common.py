@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Mapping
 
@@ -39,6 +40,7 @@ def _add_plan_args(p: argparse.ArgumentParser):
     p.add_argument("--error-model", default="laplace", choices=["laplace", "empirical"])
     p.add_argument("--exclude", action="append", default=None, metavar="NAME",
                    help="tensor to leave uncompressed (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
 def _bits_arg(text, budget_mode):
@@ -55,6 +57,45 @@ def _bits_arg(text, budget_mode):
     return tuple(vals)
 
 
+_FLAGS = (("budget_bits", "--budget-bits"), ("error_model", "--error-model"),
+          ("channelwise", "--channelwise"), ("sparsity", "--sparsity"), ("rate", "--rate"),
+          ("bits", "--bits"), ("method", "--method"), ("grid", "--grid"),
+          ("exclude", "--exclude"))
+
+
+def flag_names(msg: str) -> str:
+    """A planner message in command-line terms: ``sparsity=`` -> ``--sparsity``."""
+    for kw, flag in _FLAGS:
+        msg = re.sub(rf"(?<![\w-]){kw}=(?=[\w'\".-])", f"{flag} ", msg)
+        msg = re.sub(rf"(?<![\w-]){kw}=", flag, msg)
+        msg = re.sub(rf"^{kw}\b", flag, msg)
+    return msg
+
+
+class _Reading(Mapping):
+    """A weight mapping that ticks a progress bar on every tensor read (planning reads
+    each tensor once for the statistics, once to realize the masks)."""
+
+    def __init__(self, weights, bar):
+        self._w = weights
+        self._bar = bar
+
+    def __getitem__(self, name):
+        a = self._w[name]
+        self._bar.update(1)
+        return a
+
+    def tensor_info(self, name):
+        from opq_core.io import tensor_info
+        return tensor_info(self._w, name)
+
+    def __iter__(self):
+        return iter(self._w)
+
+    def __len__(self):
+        return len(self._w)
+
+
 def _make_plan(args, weights):
     from opq_core.allocate import plan
     if args.method == "annc":
@@ -68,11 +109,40 @@ def _make_plan(args, weights):
     bits = _bits_arg(args.bits, budget_mode)
     if bits is not None:
         kw["bits"] = bits
-    return plan(weights, **kw)
+    bar = None
+    if _progress(args):
+        from tqdm import tqdm
+        bar = tqdm(desc="plan: read tensors", unit="tensor", file=sys.stderr, leave=False,
+                   mininterval=0.2)
+        weights = _Reading(weights, bar)
+    try:
+        return plan(weights, **kw)
+    except (ValueError, TypeError) as exc:
+        raise CliError(flag_names(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)) from None
+    finally:
+        if bar is not None:
+            bar.close()
 
 
-def _progress() -> bool:
+def _progress(args=None) -> bool:
+    """tqdm bars on stderr: only on a terminal, never with --quiet."""
+    if args is not None and getattr(args, "quiet", False):
+        return False
     return sys.stderr.isatty()
+
+
+def source_metadata(weights) -> dict:
+    """The input's dtypes NumPy lacks (bfloat16) and its tied names, for the .opq file's
+    metadata: ``decompress`` writes them back, ``inspect`` reports rates against them."""
+    import json
+    meta = {}
+    src = dict(getattr(weights, "source_dtypes", {}) or {})
+    if src:
+        meta["source_dtypes"] = json.dumps(src, separators=(",", ":"), sort_keys=True)
+    aliases = dict(getattr(weights, "aliases", {}) or {})
+    if aliases:
+        meta["aliases"] = json.dumps(aliases, separators=(",", ":"), sort_keys=True)
+    return meta
 
 
 class _Subset(Mapping):

@@ -6,7 +6,8 @@ import os
 import sys
 from collections.abc import Mapping
 
-from ._common import CliError, _Subset, _check_output, _make_plan, _progress, _weights_from
+from ._common import (CliError, _Subset, _check_output, _make_plan, _progress, _weights_from,
+                      source_metadata)
 
 
 def cmd_compress(args):
@@ -16,18 +17,19 @@ def cmd_compress(args):
     if args.layout not in LAYOUTS:  # pragma: no cover - argparse checks choices
         raise CliError(f"--layout: expected one of {LAYOUTS}, got {args.layout!r}")
     _check_output(args.output, args.checkpoint)
-    meta = {"source": os.path.basename(args.checkpoint)}
+    meta = {"source": os.path.basename(os.path.normpath(args.checkpoint))}
     if args.method == "annc":
         f, acc = _compress_annc(args, meta)
     else:
         _check_no_annc_args(args)
         weights = _weights_from(args.checkpoint)
+        meta.update(source_metadata(weights))
         p = _make_plan(args, weights)
         if not p.success:
             raise CliError(f"planning failed: {p.message}")
         other = _Subset(weights, [k for k in weights if k not in p])
         f = write_opq(args.output, p, weights, other=other, layout=args.layout, metadata=meta,
-                      progress=_progress())
+                      progress=_progress(args))
         acc = None
     if args.json:
         print(json.dumps(f.to_dict()))
@@ -131,7 +133,7 @@ def _compress_annc(args, meta):
     finally:
         torch.set_num_threads(threads)
     meta = dict(meta, method="annc", budget_bits=str(int(res.plan.budget_bits)))
-    f = save(model, args.output, layout=args.layout, metadata=meta, progress=_progress())
+    f = save(model, args.output, layout=args.layout, metadata=meta, progress=_progress(args))
     return f, acc
 
 
@@ -147,7 +149,7 @@ def _run_annc(args, model, train_loader, eval_loader):
         kw["lr"] = args.lr
     res = compress_annc(model, train_loader, rate=args.rate,
                         budget_bits=args.budget_bits, eval_loader=eval_loader,
-                        exclude=tuple(args.exclude or ()), progress=_progress(), **kw)
+                        exclude=tuple(args.exclude or ()), progress=_progress(args), **kw)
     acc = None
     if eval_loader is not None:
         acc = evaluate(model, eval_loader)

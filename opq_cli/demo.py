@@ -28,7 +28,7 @@ def cmd_demo(args):
                    finetune_epochs=args.finetune_epochs, admm_epochs=args.admm_epochs,
                    sparsity=args.sparsity, bits=args.bits, rate=args.rate, layout=args.layout,
                    output=args.output, save_dense=args.save_dense, quick=args.quick,
-                   seed=args.seed, progress=not args.json and _progress(),
+                   seed=args.seed, progress=not args.json and _progress(args),
                    verbose=not args.json)
     if args.json:
         print(json.dumps(res))

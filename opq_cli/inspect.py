@@ -5,17 +5,44 @@ import json
 
 from ._common import _progress
 
+_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def input_rates(f) -> dict:
+    """Rates against the input's own dtype (bfloat16 inputs are stored as float32 in the
+    plan): input bytes of the compressed layers over their bytes in the file."""
+    try:
+        src = json.loads(f.metadata.get("source_dtypes") or "{}")
+    except ValueError:
+        src = {}
+    in_bytes = 0
+    dtypes = set()
+    for lp in f.plan.layers:
+        dt = src.get(lp.name, lp.dtype)
+        dtypes.add(dt)
+        in_bytes += _BYTES.get(dt, 4) * lp.n
+    comp = f.compressed_bytes
+    return {"input_dtypes": sorted(dtypes), "input_bytes": in_bytes,
+            "storage_rate_vs_input": in_bytes / comp if comp else None}
+
 
 def cmd_inspect(args):
     from opq_core.format import read_opq
-    f = read_opq(args.file, decode=args.verify, progress=_progress() and args.verify)
+    f = read_opq(args.file, decode=args.verify, progress=_progress(args) and args.verify)
+    rates = input_rates(f)
     if args.json:
         d = f.to_dict()
         d["plan"] = f.plan.to_dict()
         d["verified"] = bool(args.verify)
+        d.update(rates)
         print(json.dumps(d))
     else:
         print(f.table())
+        r = rates["storage_rate_vs_input"]
+        if rates["input_dtypes"] != ["float32"] and r is not None:
+            print(f"against the input dtype ({', '.join(rates['input_dtypes'])}: "
+                  f"{rates['input_bytes']} bytes): storage_rate={r:.2f}x "
+                  f"(the rates above are against float32)")
         if args.verify:
             print("verified: every layer decodes")
     if args.plot:

@@ -28,7 +28,7 @@ Examples:
   opq compress model.pt -o model.opq --sparsity 0.9        # write the compressed file
   opq inspect model.opq                                    # sizes and rates per layer
   opq decompress model.opq -o dense.safetensors            # dense fake-quant weights
-  opq demo                                                 # train, compress, reload (~1 min)
+  opq demo                                                 # train, compress, reload (~10 s)
   opq demo --method annc --rate 80                         # the same with ANNC (ADMM)
   opq demo --save-dense digits_cnn.pt                      # also keep the dense weights
   opq compress digits_cnn.pt -o annc.opq --method annc --rate 50 \\
@@ -38,8 +38,10 @@ ANNC (--method annc) trains, so 'opq compress' needs a training-data hook: --tra
 MODULE:FUNCTION, called as FUNCTION(CHECKPOINT), returns dict(model=, train_loader=,
 eval_loader=) (see 'opq compress --help').
 
-CHECKPOINT is a .pt/.pth/.bin state_dict, .safetensors, .npz or .onnx file, or
-example:resnet50|alexnet|mobilenet_v1 (random Laplace weights of that shape).
+CHECKPOINT is a .pt/.pth/.bin state_dict, .safetensors, .npz or .onnx file, a model
+folder (model.safetensors, model.safetensors.index.json shards or pytorch_model.bin, read
+as one model), or example:resnet50|alexnet|mobilenet_v1 (random Laplace weights of that
+shape). Every floating tensor with ndim >= 2 is compressed (integer tensors are kept).
 Rates: paper_rate = 32 N / sum(bits * kept) (the papers' figure); storage_rate = float32
 bytes of the compressed layers / their bytes in the .opq file (what the disk sees).
 """
@@ -117,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print as JSON (with the plan)")
     i.add_argument("--verify", action="store_true", help="also decode every layer")
     i.add_argument("--plot", metavar="FILE.png", help="per-layer chart (needs matplotlib)")
+    i.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     i.set_defaults(func=cmd_inspect)
 
     d = sub.add_parser("decompress", help="write the dense weights of a .opq file",
@@ -128,10 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OUT.npz, OUT.safetensors, OUT.pt or OUT.onnx")
     d.add_argument("--template", metavar="MODEL.onnx",
                    help="for .onnx output: the original model whose initializers are replaced")
+    d.add_argument("--max-shard-size", metavar="SIZE",
+                   help="for .safetensors output: shards of at most SIZE (e.g. 2GB) named "
+                        "OUT-00001-of-0000N.safetensors plus OUT.safetensors.index.json")
     d.add_argument("--json", action="store_true", help="print a JSON summary")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_decompress)
 
-    m = sub.add_parser("demo", help="train, compress and reload a small CNN (about a minute)",
+    m = sub.add_parser("demo", help="train, compress and reload a small CNN (about 10 s)",
                        description="Train a small CNN on scikit-learn's digits (fixed seed, "
                                    "held-out test split), compress it (OPQ plan, or ANNC "
                                    "training under a size budget), fine-tune, write demo.opq, "

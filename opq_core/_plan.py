@@ -348,22 +348,23 @@ class Plan:
 
     # ---- display -------------------------------------------------------------------
     def table(self, *, max_rows: int | None = None) -> str:
-        """The per-layer table with totals (plain text)."""
-        head = (f"{'layer':<28} {'shape':<18} {'n':>10} {'scale':>9} {'sparsity':>8} "
+        """The per-layer table with totals (plain text); layer names are never cut."""
+        nw = max([28] + [len(lp.name) for lp in self.layers])
+        head = (f"{'layer':<{nw}} {'shape':<18} {'n':>10} {'scale':>9} {'sparsity':>8} "
                 f"{'pred.sp':>7} {'kept':>10} {'bits':>4} {'step':>7} {'pred.err':>10}")
         rows = [head, "-" * len(head)]
         layers = self.layers if max_rows is None else self.layers[:max_rows]
         for lp in layers:
             shape = "x".join(str(s) for s in lp.shape)
             rows.append(
-                f"{_clip(lp.name, 28):<28} {_clip(shape, 18):<18} {lp.n:>10d} {lp.scale:>9.3g} "
+                f"{lp.name:<{nw}} {_clip(shape, 18):<18} {lp.n:>10d} {lp.scale:>9.3g} "
                 f"{lp.sparsity:>8.4f} {lp.predicted_sparsity:>7.4f} {lp.kept:>10d} "
                 f"{lp.bits:>4d} {lp.step:>7.4f} {lp.predicted_error:>10.4g}")
         if max_rows is not None and len(self.layers) > max_rows:
             rows.append(f"... {len(self.layers) - max_rows} more layers")
         rows.append("-" * len(head))
         rows.append(
-            f"{'total':<28} {len(self.layers):>3d} layers{'':<8} {self.n:>10d} {'':>9} "
+            f"{'total':<{nw}} {len(self.layers):>3d} layers{'':<8} {self.n:>10d} {'':>9} "
             f"{self.sparsity:>8.4f} {'':>7} {self.kept:>10d} {'':>4} {'':>7} "
             f"{self.predicted_error:>10.4g}")
         rows.append(

@@ -62,13 +62,13 @@ def _select_layers(weights, exclude):
     for name in weights:
         if not isinstance(name, str):
             raise TypeError(f"weights: layer names must be strings, got {name!r}")
+        if name in exclude:  # before any look at the tensor: an excluded name is kept as is
+            skipped.append(name)
+            continue
         shape, dtype = tensor_info(weights, name)
         ndim, size = len(shape), math.prod(int(d) for d in shape)
-        if ndim >= 2 and dtype.kind != "f":
-            raise TypeError(
-                f"weights[{name!r}]: a {ndim}-D tensor must be float16/32/64 to be "
-                f"compressed, got dtype {dtype} (exclude it to leave it alone)")
-        if ndim >= 2 and name not in exclude and size > 0:
+        # integer/bool tensors (position ids, masks) are kept as they are, like 1-D ones
+        if ndim >= 2 and dtype.kind == "f" and size > 0:
             names.append(name)
         else:
             skipped.append(name)

@@ -55,8 +55,9 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
     Parameters
     ----------
     weights : mapping name -> array
-        Every float tensor with ``ndim >= 2`` is compressed (conv, linear); other tensors
-        (biases, norms, integer buffers) are listed in ``Plan.skipped`` and left alone.
+        Every float tensor with ``ndim >= 2`` is compressed (conv, linear, embeddings);
+        other tensors (biases, norms, integer or bool tensors of any shape, excluded names)
+        are listed in ``Plan.skipped`` and left alone.
     sparsity : float in [0, 1)
         Global fraction of the compressed weights to prune (sparsity mode).
     bits : int in 1..8, or a sequence of candidates

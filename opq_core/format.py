@@ -62,7 +62,7 @@ import numpy as np
 
 from .apply import compute_dtype
 
-__all__ = ["FORMAT_VERSION", "LAYOUTS", "write_opq", "read_opq", "compress_weights",
+__all__ = ["FORMAT_VERSION", "LAYOUTS", "write_opq", "read_opq", "OpqStream", "compress_weights",
            "layer_codes", "decode_layer", "CompressedFile", "LayerRecord", "OpqFormatError"]
 
 #: Version of the container written by this opq; readers refuse newer files.
@@ -229,21 +229,22 @@ class CompressedFile:
                 "layers": [r.to_dict() for r in self.layers]}
 
     def table(self, *, max_rows: int | None = None) -> str:
-        """Per-layer table with totals (plain text)."""
-        head = (f"{'layer':<28} {'shape':<16} {'bits':>4} {'sparsity':>8} {'kept':>9} "
+        """Per-layer table with totals (plain text); layer names are never cut."""
+        nw = max([28] + [len(r.name) for r in self.layers])
+        head = (f"{'layer':<{nw}} {'shape':<16} {'bits':>4} {'sparsity':>8} {'kept':>9} "
                 f"{'mask':>7} {'bytes':>10} {'paper':>8} {'storage':>8}")
         rows = [head, "-" * len(head)]
         layers = self.layers if max_rows is None else self.layers[:max_rows]
         for r in layers:
             shape = "x".join(str(s) for s in r.shape)
-            rows.append(f"{_clip(r.name, 28):<28} {_clip(shape, 16):<16} {r.bits:>4d} "
+            rows.append(f"{r.name:<{nw}} {_clip(shape, 16):<16} {r.bits:>4d} "
                         f"{r.sparsity:>8.4f} {r.kept:>9d} {r.mask_coding:>7} {r.nbytes:>10d} "
                         f"{_rate(r.paper_rate):>8} {_rate(r.storage_rate):>8}")
         if max_rows is not None and len(self.layers) > max_rows:
             rows.append(f"... {len(self.layers) - max_rows} more layers")
         rows.append("-" * len(head))
         sp = 1.0 - self.kept / self.n if self.n else 0.0
-        rows.append(f"{'total':<28} {len(self.layers):>3d} layers{'':<6} {'':>4} {sp:>8.4f} "
+        rows.append(f"{'total':<{nw}} {len(self.layers):>3d} layers{'':<6} {'':>4} {sp:>8.4f} "
                     f"{self.kept:>9d} {'':>7} {self.compressed_bytes:>10d} "
                     f"{_rate(self.paper_rate):>8} {_rate(self.storage_rate):>8}")
         rows.append(f"layout={self.layout} version={self.version} file={self.file_bytes} bytes "
@@ -959,3 +960,73 @@ def read_opq(path, *, decode: bool = True, progress: bool = False) -> Compressed
                               other_names=tuple(desc["other"]))
     finally:
         mm.close()
+
+
+class OpqStream:
+    """A ``.opq`` file decoded one tensor at a time (memory: one tensor), for writers that
+    stream (``opq decompress``). The file is checked as :func:`read_opq` checks it.
+
+    >>> import numpy as np, tempfile, os, opq_core
+    >>> w = {"fc": np.random.default_rng(0).laplace(size=(8, 16)).astype(np.float32)}
+    >>> p = opq_core.plan(w, sparsity=0.5, bits=3)
+    >>> f = os.path.join(tempfile.mkdtemp(), "m.opq")
+    >>> _ = write_opq(f, p, w)
+    >>> with OpqStream(f) as s:
+    ...     np.array_equal(s.tensor("fc"), p.apply(w)["fc"])
+    True
+    """
+
+    def __init__(self, path):
+        self.file = read_opq(path, decode=False)
+        self.plan = self.file.plan
+        self._path = str(path)
+        self._mm, self._header, self._start, _ = _parse(path)
+        desc = json.loads(zlib.decompress(bytes(self._bytes(_HEADER_TENSOR))))
+        self._infos = dict(zip(self.plan.names, desc["layers"]))
+
+    def _bytes(self, key):
+        e = self._header.get(key)
+        if e is None:
+            raise OpqFormatError(f"{self._path!r} is corrupt: tensor {key!r} is missing")
+        a, b = (int(x) for x in e["data_offsets"])
+        return self._mm[self._start + a:self._start + b]
+
+    @property
+    def names(self) -> list:
+        """Every tensor: the other tensors, then the compressed layers."""
+        return list(self.file.other_names) + list(self.plan.names)
+
+    def info(self, name) -> tuple:
+        """``(shape, NumPy dtype)`` of a tensor as :meth:`tensor` returns it."""
+        if name in self._infos:
+            lp = self.plan[name]
+            return tuple(lp.shape), np.dtype(lp.dtype)
+        e = self._header[name]
+        return tuple(e["shape"]), np.dtype(_NP_DTYPES[e["dtype"]])
+
+    def tensor(self, name) -> np.ndarray:
+        """A compressed layer's dense weights, or another tensor as it was written."""
+        if name in self._infos:
+            lp = self.plan[name]
+            _, codes = _decode_layer_blob(lp, self._bytes(_PREFIX + name), self._infos[name])
+            return decode_layer(lp, codes)
+        if name not in self.file.other_names:
+            raise KeyError(name)
+        e = self._header[name]
+        dt = np.dtype(_NP_DTYPES[e["dtype"]])
+        le = dt.newbyteorder("<") if dt.itemsize > 1 else dt
+        raw = self._bytes(name)
+        if len(raw) != int(np.prod(e["shape"])) * dt.itemsize:
+            raise OpqFormatError(f"{self._path!r} is corrupt: tensor {name!r}")
+        return np.frombuffer(raw, dtype=le).astype(dt).reshape(e["shape"])
+
+    def close(self):
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["open_weights", "load_weights", "save_weights", "atomic_write", "tensor_info",
-           "FORMATS"]
+__all__ = ["open_weights", "open_folder", "load_weights", "save_weights", "atomic_write",
+           "tensor_info", "write_safetensors_stream", "FORMATS"]
 
 FORMATS = {".npz": "npz", ".safetensors": "safetensors", ".pt": "pt", ".pth": "pt",
            ".bin": "pt", ".onnx": "onnx"}
@@ -32,6 +32,12 @@ def _format_of(path, argument="path") -> str:
 
 class LazyWeights(Mapping):
     """Read-only mapping name -> np.ndarray that loads each tensor on access."""
+
+    #: ``{name: dtype name}`` of tensors stored in a dtype NumPy lacks (``"bfloat16"``),
+    #: returned as float32; ``{alias: name}`` of the names of a .pt file that share
+    #: another name's tensor (tied weights): read once, under the first name.
+    source_dtypes: dict = {}
+    aliases: dict = {}
 
     def __init__(self, names, loader, path, fmt, closer=None, info=None):
         self._names = list(names)
@@ -80,8 +86,10 @@ class LazyWeights(Mapping):
 
 def open_weights(path) -> LazyWeights:
     """Open a weight file lazily (see module doc). Raises a clear error for a missing,
-    unreadable or corrupt file."""
+    unreadable or corrupt file. A folder is read as one model (:func:`open_folder`)."""
     path = Path(path)
+    if path.is_dir():
+        return open_folder(path)
     fmt = _format_of(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no such file {str(path)!r}")
@@ -93,11 +101,15 @@ def open_weights(path) -> LazyWeights:
         if fmt == "safetensors":
             header = _safetensors_header(path)
             names = [k for k in header if k != "__metadata__"]
-            return LazyWeights(names, lambda n: _read_safetensors_tensor(path, header, n), path,
-                               fmt, info=lambda n: _safetensors_info(header, n))
+            lw = LazyWeights(names, lambda n: _read_safetensors_tensor(path, header, n), path,
+                             fmt, info=lambda n: _safetensors_info(header, n))
+            lw.source_dtypes = {n: "bfloat16" for n in names if header[n]["dtype"] == "BF16"}
+            return lw
         if fmt == "pt":
-            sd = _load_pt(path)
-            return LazyWeights(sd.keys(), sd.__getitem__, path, fmt)
+            sd, src, aliases = _load_pt_full(path)
+            lw = LazyWeights(sd.keys(), sd.__getitem__, path, fmt)
+            lw.source_dtypes, lw.aliases = src, aliases
+            return lw
         if fmt == "onnx":
             tensors = _load_onnx(path)
             return LazyWeights(tensors.keys(), tensors.__getitem__, path, fmt)
@@ -203,6 +215,13 @@ def load_weights(path) -> dict:
 
 
 def _load_pt(path) -> dict:
+    return _load_pt_full(path)[0]
+
+
+def _load_pt_full(path) -> tuple:
+    """``(tensors, source dtypes, aliases)`` of a state_dict file. Names that share
+    another name's tensor (same storage, offset, shape and strides: tied weights, which
+    ``torch.save`` stores once) are read once, under their first name."""
     try:
         import torch
     except ImportError:  # pragma: no cover
@@ -212,14 +231,22 @@ def _load_pt(path) -> dict:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise ValueError(f"path: {str(path)!r} does not hold a state_dict (got {type(obj).__name__})")
-    out = {}
+    out, src, aliases, seen = {}, {}, {}, {}
     for k, v in obj.items():
         if isinstance(v, torch.Tensor):
             t = v.detach().cpu()
+            if t.numel():
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                       t.stride(), t.dtype)
+                if key in seen:
+                    aliases[str(k)] = seen[key]
+                    continue
+                seen[key] = str(k)
             if t.dtype == torch.bfloat16:
                 t = t.float()
+                src[str(k)] = "bfloat16"
             out[str(k)] = t.numpy()
-    return out
+    return out, src, aliases
 
 
 def _load_onnx(path) -> dict:
@@ -291,3 +318,165 @@ def save_weights(path, weights: Mapping, *, template=None) -> None:
                     numpy_helper.to_array(init).dtype), init.name))
         data = model.SerializeToString()
         atomic_write(path, lambda f: f.write(data))
+
+
+# ---------------------------------------------------------------------------------------
+# model folders (save_pretrained) and shards
+# ---------------------------------------------------------------------------------------
+
+_FOLDER_FILES = ("model.safetensors.index.json", "model.safetensors",
+                 "pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
+def _folder_files(folder: Path) -> list:
+    import json
+    for name in _FOLDER_FILES:
+        p = folder / name
+        if not p.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [p]
+        try:
+            wm = json.loads(p.read_text()).get("weight_map")
+        except (ValueError, AttributeError) as exc:
+            raise ValueError(f"path: {str(p)!r} is not a readable shard index ({exc})") from None
+        if not isinstance(wm, dict) or not wm:
+            raise ValueError(f"path: {str(p)!r} has no weight_map")
+        files = []
+        for shard in wm.values():
+            if not isinstance(shard, str) or Path(shard).name != shard:
+                raise ValueError(f"path: {str(p)!r} names shard {shard!r}, which is not a file "
+                                 "of the folder")
+            if (folder / shard) not in files:
+                files.append(folder / shard)
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"path: shard {f.name!r} of {str(p)!r} is missing")
+        return files
+    raise FileNotFoundError(f"path: folder {str(folder)!r} holds none of "
+                            f"{', '.join(_FOLDER_FILES)}")
+
+
+def open_folder(folder) -> LazyWeights:
+    """A Hugging Face model folder as one lazy mapping: ``model.safetensors``, the shards
+    of ``model.safetensors.index.json``, or ``pytorch_model.bin`` (and its shards), read
+    with ``weights_only``. A planner sees every tensor of every shard, so the allocation
+    stays global."""
+    folder = Path(folder)
+    files = _folder_files(folder)
+    parts = [open_weights(f) for f in files]
+    owner, names = {}, []
+    for part in parts:
+        for n in part:
+            if n in owner:
+                raise ValueError(f"path: tensor {n!r} is in two shards of {str(folder)!r}: "
+                                 f"{Path(owner[n].path).name} and {Path(part.path).name}")
+            owner[n] = part
+            names.append(n)
+
+    def close():
+        for part in parts:
+            part.close()
+
+    lw = LazyWeights(names, lambda n: owner[n][n], folder, "folder", close,
+                     info=lambda n: owner[n].tensor_info(n))
+    lw.source_dtypes = {k: v for part in parts for k, v in part.source_dtypes.items()}
+    lw.aliases = {k: v for part in parts for k, v in part.aliases.items()}
+    lw.files = tuple(str(f) for f in files)
+    return lw
+
+
+def _to_bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns, rounded to nearest even (torch's rounding)."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    nan = np.isnan(a)
+    r = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    r = r.astype(np.uint16)
+    if nan.any():
+        r[nan] = np.uint16(0x7FC0)
+    return r
+
+
+_ST_CODE = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64",
+            "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+            "uint16": "U16", "uint32": "U32", "uint64": "U64"}
+
+
+def write_safetensors_stream(path, specs, produce, *, max_shard_bytes=None,
+                             progress=False) -> list:
+    """Write tensors to ``.safetensors`` one at a time (memory: one tensor).
+
+    ``specs``: ``[(name, shape, dtype name)]`` in writing order (``"bfloat16"`` allowed);
+    ``produce(name)`` returns the array (float32 for bfloat16). With ``max_shard_bytes``,
+    tensors go to ``<stem>-0000i-of-0000n.safetensors`` shards plus a
+    ``<stem>.safetensors.index.json`` (Hugging Face's layout; ``path`` is then the index's
+    stem). Every file is written atomically. Returns the written paths.
+    """
+    import json
+    path = Path(path)
+    sizes = []
+    for name, shape, dt in specs:
+        item = 2 if dt == "bfloat16" else np.dtype(dt).itemsize
+        sizes.append(int(np.prod(shape, dtype=np.int64)) * item)
+    groups = [[]]
+    acc = 0
+    for i, nb in enumerate(sizes):
+        if max_shard_bytes and groups[-1] and acc + nb > max_shard_bytes:
+            groups.append([])
+            acc = 0
+        groups[-1].append(i)
+        acc += nb
+    if not max_shard_bytes:
+        targets = [path]
+    else:
+        stem = path.name[:-len(".safetensors")] if path.name.endswith(".safetensors") else path.name
+        n = len(groups)
+        targets = [path.with_name(f"{stem}-{k + 1:05d}-of-{n:05d}.safetensors") for k in range(n)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(specs), desc="write", unit="tensor", leave=False)
+    written = []
+    for target, group in zip(targets, groups):
+        header, off = {}, 0
+        for i in group:
+            name, shape, dt = specs[i]
+            code = "BF16" if dt == "bfloat16" else _ST_CODE[np.dtype(dt).name]
+            header[name] = {"dtype": code, "shape": [int(d) for d in shape],
+                            "data_offsets": [off, off + sizes[i]]}
+            off += sizes[i]
+        hj = json.dumps(header, separators=(",", ":")).encode()
+        hj += b" " * (-(8 + len(hj)) % 8)
+
+        def write(f, group=group, hj=hj):
+            f.write(len(hj).to_bytes(8, "little"))
+            f.write(hj)
+            for i in group:
+                name, shape, dt = specs[i]
+                a = np.asarray(produce(name))
+                if tuple(a.shape) != tuple(shape):
+                    raise ValueError(f"tensor {name!r}: produced shape {a.shape}, declared {shape}")
+                if dt == "bfloat16":
+                    data = _to_bf16_bits(a).astype("<u2").tobytes()
+                else:
+                    want = np.dtype(dt)
+                    data = np.ascontiguousarray(a, dtype=want.newbyteorder("<")
+                                                if want.itemsize > 1 else want).tobytes()
+                f.write(data)
+                del a, data
+                if bar is not None:
+                    bar.update(1)
+
+        atomic_write(target, write)
+        written.append(str(target))
+    if bar is not None:
+        bar.close()
+    if max_shard_bytes:
+        index = {"metadata": {"total_size": int(sum(sizes))},
+                 "weight_map": {specs[i][0]: targets[k].name
+                                for k, g in enumerate(groups) for i in g}}
+        ip = path.with_name(f"{stem}.safetensors.index.json")
+        data = json.dumps(index, indent=2).encode()
+        atomic_write(ip, lambda f: f.write(data))
+        written.append(str(ip))
+    return written

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io as _io
 import math
+import re
 
 import numpy as np
 
@@ -35,6 +36,15 @@ def _axes(plt, nrows, nlayers):
     return fig, np.atleast_1d(axes)
 
 
+def natural_key(name: str):
+    """Sort key that orders numbers by value: ``h.2`` before ``h.10``."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+
+
+def _natural(items, name):
+    return sorted(items, key=lambda it: natural_key(name(it)))
+
+
 def _names(ax, names):
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=90, fontsize=7)
@@ -44,19 +54,20 @@ def plot_plan(plan, path) -> None:
     """Bar charts per layer: sparsity (realized and Laplace-predicted), bits, predicted
     error, written to ``path`` (PNG)."""
     plt = _pyplot()
-    names = plan.names
+    layers = _natural(plan.layers, lambda lp: lp.name)
+    names = [lp.name for lp in layers]
     x = np.arange(len(names))
     fig, (a, b, c) = _axes(plt, 3, len(names))
-    a.bar(x - 0.2, [lp.sparsity for lp in plan.layers], 0.4, label="realized")
-    a.bar(x + 0.2, [lp.predicted_sparsity for lp in plan.layers], 0.4, label="predicted")
+    a.bar(x - 0.2, [lp.sparsity for lp in layers], 0.4, label="realized")
+    a.bar(x + 0.2, [lp.predicted_sparsity for lp in layers], 0.4, label="predicted")
     a.set_ylabel("sparsity")
     a.set_ylim(0, 1)
     a.legend(fontsize=7)
     a.set_title(f"{plan.method}: sparsity {plan.sparsity:.3f}, "
                 f"paper_rate {plan.paper_rate:.1f}x")
-    b.bar(x, [lp.bits for lp in plan.layers], color="tab:green")
+    b.bar(x, [lp.bits for lp in layers], color="tab:green")
     b.set_ylabel("bits")
-    err = [max(lp.predicted_error, 1e-30) for lp in plan.layers]
+    err = [max(lp.predicted_error, 1e-30) for lp in layers]
     c.bar(x, err, color="tab:red")
     c.set_yscale("log")
     c.set_ylabel("predicted error")
@@ -68,7 +79,7 @@ def plot_file(cf, path) -> None:
     """Bar charts per layer of a written file: sparsity, bits, paper_rate and
     storage_rate, written to ``path`` (PNG)."""
     plt = _pyplot()
-    recs = cf.layers
+    recs = _natural(cf.layers, lambda r: r.name)
     names = [r.name for r in recs]
     x = np.arange(len(names))
     fig, (a, b, c) = _axes(plt, 3, len(names))

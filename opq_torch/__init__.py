@@ -21,7 +21,7 @@ from .ste import CodebookSTE, FakeQuantSTE, fake_quant_codebook_ste, fake_quant_
 __all__ = ["compress", "restore", "is_compressed", "plan_of", "masks_of", "compressed_weights",
            "strip", "plan_from_state_dict", "quantizers", "finetune", "History", "EpochStats", "save", "load",
            "FakeQuantSTE", "CodebookSTE", "fake_quant_ste", "fake_quant_codebook_ste",
-           "QuantizedWeight"]
+           "QuantizedWeight", "load_pretrained"]
 
 
 def save(model, path, *args, **kwargs):
@@ -34,3 +34,10 @@ def load(path, model, *args, **kwargs):
     """Read an .opq file into ``model`` (see :mod:`opq_torch.io`)."""
     from . import io
     return io.load(path, model, *args, **kwargs)
+
+
+def load_pretrained(folder, model):
+    """Read a ``save_pretrained`` folder of a compressed model into a fresh ``model``
+    (see :func:`opq_torch.io.load_pretrained`)."""
+    from . import io
+    return io.load_pretrained(folder, model)

@@ -51,7 +51,8 @@ from torch import nn
 from opq_core.annc import annc_budget, annc_plan, project
 from opq_core.allocate import Plan
 
-from .compress import COMPRESSIBLE, compress, is_compressed
+from ._layers import discover
+from .compress import compress, is_compressed
 from .finetune import History, finetune
 
 __all__ = ["ANNC", "ProjectionRecord", "ANNCResult", "compress_annc"]
@@ -73,22 +74,9 @@ class ProjectionRecord:
 
 
 def _layers(model, exclude):
-    """{state_dict name: Parameter} of the compressible weights (Linear / Conv*)."""
-    out = {}
-    seen = set()
-    for path, mod in model.named_modules():
-        if not isinstance(mod, COMPRESSIBLE):
-            continue
-        w = mod._parameters.get("weight") if "weight" in mod._parameters else None
-        if not isinstance(w, nn.Parameter) or w.dtype not in _FLOAT or w.dim() < 2 \
-                or w.numel() == 0:
-            continue
-        name = f"{path}.weight" if path else "weight"
-        if id(w) in seen or name in exclude or path in exclude:
-            continue
-        seen.add(id(w))
-        out[name] = w
-    return out
+    """{state_dict name: tensor} of the compressible tensors: the one discovery of
+    :mod:`opq_torch._layers`, the same as :func:`opq_torch.compress` (tied tensors once)."""
+    return {n: sl.tensor for n, sl in discover(model, exclude, fn="ANNC").slots.items()}
 
 
 def _np(t):
@@ -104,7 +92,8 @@ class ANNC:
     Parameters
     ----------
     model : nn.Module
-        Not yet compressed. Its ``Linear`` / ``Conv*`` weights are the compressed layers
+        Not yet compressed. Its compressible tensors (those of :func:`opq_torch.compress`:
+        every floating tensor with ``ndim >= 2``, tied ones once) are the compressed layers
         (names = ``state_dict`` names).
     rate : float, optional
         Target paper rate ``32 N / sum_l b_l nnz_l`` (``> 1``); the budget is
@@ -168,11 +157,12 @@ class ANNC:
         if project_every is not None and (isinstance(project_every, bool) or not isinstance(
                 project_every, int) or project_every < 1):
             raise ValueError(f"ANNC: project_every must be an integer >= 1, got {project_every!r}")
-        excl = {exclude} if isinstance(exclude, str) else set(exclude)
+        excl = [exclude] if isinstance(exclude, str) else list(exclude)
         self.model = model
         self.params = _layers(model, excl)
         if not self.params:
-            raise ValueError("ANNC: model has no Linear / Conv weight to compress")
+            raise ValueError("ANNC: model has no compressible tensor (a floating tensor with "
+                             "ndim >= 2)")
         shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         try:
             self.budget_bits = annc_budget(shapes, rate=rate, budget_bits=budget_bits)

@@ -11,13 +11,22 @@ DistributedDataParallel works unchanged. The mask, the channel scales and the th
 are buffers, and the rest of the layer's plan (bits, grid, step, codebook) is the
 parametrization's extra state, so ``state_dict()`` holds everything a fresh model needs.
 
-Layer names are the ``state_dict`` names of the original model's weights (e.g.
-``"features.0.weight"``). Compressed modules: ``nn.Linear``, ``nn.Conv1d/2d/3d`` (grouped and
-depthwise included) and ``nn.ConvTranspose1d/2d/3d`` with a floating weight of ``ndim >= 2``.
-Every weight is planned as it is stored, with ``shape[0]`` as the channel axis of the scales:
-for convolutions and linear layers that is the output channel; for a transposed convolution,
-whose weight is ``(in, out / groups, *kernel)``, it is the *input* channel. Every other tensor
-(embeddings, norms, biases, other parameters) is left alone and listed in ``Plan.skipped``.
+Layer names are the ``state_dict`` names of the original model's tensors (e.g.
+``"features.0.weight"``). Compressible: every floating ``state_dict`` tensor with
+``ndim >= 2``, whatever module owns it (Linear, Conv*, ConvTranspose*, Embedding, Hugging
+Face Conv1D, bare Parameters such as ``in_proj_weight``, persistent buffers): the rule of
+the command line, so a ``.opq`` file written by ``opq compress`` loads into the model.
+Every tensor is planned as it is stored, with ``shape[0]`` as the channel axis of the
+scales (the input channel for ConvTranspose* and Conv1D, see :mod:`opq_torch._layers`).
+A tensor shared by several modules (tied embeddings) is compressed once, under its first
+``state_dict`` name, and every owner reads the same compressed tensor (the other owners'
+entries leave the ``state_dict``, as ``save_pretrained`` drops tied names). Every other
+tensor (norms, biases, integer buffers) is left alone and listed in ``Plan.skipped``.
+
+Hugging Face: ``save_pretrained`` and ``Trainer`` checkpoints of a compressed model hold
+the latent weights, the masks, the quantizer buffers and the plan (a uint8 tensor of
+JSON per layer); :func:`opq_torch.load_pretrained` reads such a folder back into a freshly
+built model.
 
 Restoring a checkpoint into a fresh model
 -----------------------------------------
@@ -34,6 +43,8 @@ or by hand: ``compress(fresh, plan_of(model), masks=masks_of(model))`` then
 from __future__ import annotations
 
 import copy
+import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -45,12 +56,14 @@ import opq_core
 from opq_core.allocate import LayerPlan, Plan
 from opq_core.apply import layer_mask
 
+from ._layers import compressible, discover
 from .ste import CodebookSTE, FakeQuantSTE
 
 __all__ = ["compress", "restore", "quantizers", "is_compressed", "plan_of", "masks_of", "compressed_weights",
            "strip", "plan_from_state_dict", "QuantizedWeight", "COMPRESSIBLE"]
 
-#: Module types whose ``weight`` is compressed.
+#: Module types whose ``weight`` was compressed by opq 0.1 (kept for old imports; every
+#: floating tensor with ndim >= 2 is compressible now, see :mod:`opq_torch._layers`).
 COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
                 nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -135,13 +148,19 @@ class QuantizedWeight(nn.Module):
         return out
 
     def get_extra_state(self):
-        return {"version": _STATE_VERSION, "index": self.index,
-                "layer": self.layer.to_dict(), "plan": dict(self.meta)}
+        # a uint8 tensor of JSON, not a dict: save_pretrained / safetensors / Trainer
+        # checkpoints store only tensors
+        st = {"version": _STATE_VERSION, "index": self.index,
+              "layer": self.layer.to_dict(), "plan": dict(self.meta)}
+        data = json.dumps(st, separators=(",", ":")).encode()
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
     def set_extra_state(self, state):
-        if not isinstance(state, dict) or "layer" not in state:
+        got = state
+        state = _decode_state(state)
+        if state is None:
             raise ValueError(f"layer {self.name!r}: the state_dict holds no opq layer plan "
-                             f"(got {type(state).__name__})")
+                             f"(got {type(got).__name__})")
         if int(state.get("version", 1)) > _STATE_VERSION:
             raise ValueError(f"layer {self.name!r}: opq state version {state['version']} is "
                              f"newer than this opq_torch ({_STATE_VERSION})")
@@ -202,23 +221,24 @@ def _check_model(model, fn):
 
 
 def _ours(module):
-    """The QuantizedWeight of a module's weight, or None."""
-    plist = getattr(getattr(module, "parametrizations", None), "weight", None)
-    if plist is None:
-        return None
-    for p in plist:
-        if isinstance(p, QuantizedWeight):
-            return p
-    return None
+    """[(tensor name, QuantizedWeight)] of a module's opq parametrizations."""
+    plists = getattr(module, "parametrizations", None)
+    if plists is None:
+        return []
+    out = []
+    for attr, plist in plists.items():
+        for p in plist:
+            if isinstance(p, QuantizedWeight):
+                out.append((attr, p))
+    return out
 
 
 def _compressed_modules(model):
-    """[(module path, module, QuantizedWeight)] in module order."""
+    """[(module path, module, tensor name, QuantizedWeight)] in module order."""
     out = []
     for path, mod in model.named_modules():
-        q = _ours(mod)
-        if q is not None:
-            out.append((path, mod, q))
+        for attr, q in _ours(mod):
+            out.append((path, mod, attr, q))
     return out
 
 
@@ -232,32 +252,43 @@ def is_compressed(model) -> bool:
     return bool(_compressed_modules(model))
 
 
-def _candidates(model):
-    """Compressible weights: {state_dict name: (module, module path)}."""
-    chosen = {}
-    seen = {}
-    for path, mod in model.named_modules():
-        if not isinstance(mod, COMPRESSIBLE):
-            continue
-        w = mod._parameters.get("weight") if "weight" in mod._parameters else None
-        if not isinstance(w, torch.Tensor) or w.dtype not in _FLOAT or w.dim() < 2:
-            continue
-        if w.numel() == 0:
-            continue
-        name = f"{path}.weight" if path else "weight"
-        if id(w) in seen:  # a weight shared by several modules stays float
-            chosen.pop(seen[id(w)], None)
-            continue
-        seen[id(w)] = name
-        chosen[name] = (mod, path)
-    return chosen
-
-
 def _numpy_weight(w):
     t = w.detach()
     if t.dtype == torch.bfloat16:
         t = t.float()
     return t.cpu().numpy()
+
+
+# ---- shared tensors: the other owners read the first owner's (compressed) tensor ----------
+
+def _tie(mod, attr, primary, pattr):
+    """Make ``mod.<attr>`` a read-only view of ``primary.<pattr>`` (its compressed value)."""
+    kind = "parameter" if attr in mod._parameters else "buffer"
+    if kind == "parameter":
+        del mod._parameters[attr]
+    else:
+        del mod._buffers[attr]
+    ties = mod.__dict__.setdefault("_opq_ties", {})
+    ties[attr] = (primary, pattr, kind)
+    cls = type(mod)
+    if not cls.__dict__.get("_opq_tied_class", False):
+        cls = type(cls.__name__, (cls,), {"_opq_tied_class": True})
+        mod.__class__ = cls
+
+    def get(self, _a=attr):
+        owner, name, _ = self.__dict__["_opq_ties"][_a]
+        return getattr(owner, name)
+
+    setattr(cls, attr, property(get, doc=f"opq: tied to {pattr!r} of another module"))
+
+
+def _untie(mod):
+    """Undo :func:`_tie`: ``mod`` holds its owner's current tensor again (the tie kept)."""
+    ties = mod.__dict__.pop("_opq_ties")
+    mod.__class__ = type(mod).__bases__[0]
+    for attr, (owner, name, kind) in ties.items():
+        t = getattr(owner, name)
+        (mod._parameters if kind == "parameter" else mod._buffers)[attr] = t
 
 
 # --------------------------------------------------------------------------------------
@@ -267,10 +298,17 @@ def _numpy_weight(w):
 def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=None,
              method="opq", channelwise="unified", grid="offset", error_model="laplace",
              exclude=None, masks=None) -> Plan:
-    r"""Plan (or take a plan) and install it: prune + quantize every conv/linear weight.
+    r"""Plan (or take a plan) and install it: prune + quantize every compressible tensor.
+
+    Compressible (:mod:`opq_torch._layers`): every floating ``state_dict`` tensor with
+    ``ndim >= 2``, whatever module owns it (Linear, Conv*, ConvTranspose*, Embedding,
+    Hugging Face Conv1D, bare Parameters such as ``nn.MultiheadAttention.in_proj_weight``),
+    the same tensors that ``opq compress`` selects in the model's checkpoint. A tensor
+    shared by several modules (tied embeddings) is one layer named by its first
+    ``state_dict`` name; every owner reads the same compressed tensor.
 
     The latent weights stay the model's Parameters (now at
-    ``<module>.parametrizations.weight.original``); every access to ``<module>.weight``
+    ``<module>.parametrizations.<name>.original``); every access to ``<module>.<name>``
     returns the pruned, fake-quantized weight with a straight-through gradient. The plan
     (masks, scales, thresholds, steps) is fixed: only the latent weights train.
 
@@ -287,8 +325,8 @@ def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=
         (``rate``/``budget_bits``) pass a set of candidates, or ``bits=None`` to let every
         layer choose among 1..8.
     exclude : str or sequence of str, optional
-        Module names (``"classifier.2"``) or weight names (``"classifier.2.weight"``) to
-        leave alone.
+        Module names (``"classifier.2"``, everything under it) or ``state_dict`` names
+        (``"classifier.2.weight"``) to leave alone.
     masks : dict name -> bool array, optional
         Masks to install instead of those derived from the plan and the weights (needed for
         codebook layers, and for a fresh model that will load a checkpoint).
@@ -317,64 +355,68 @@ def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=
     True
     """
     fn = "compress"
+    plan, layers, installed = _prepare(model, plan, fn=fn, sparsity=sparsity, bits=bits,
+                                       rate=rate, budget_bits=budget_bits, method=method,
+                                       channelwise=channelwise, grid=grid,
+                                       error_model=error_model, exclude=exclude, masks=masks)
+    _install(plan, layers, installed)
+    return plan
+
+
+def _prepare(model, plan=None, *, fn, sparsity=None, bits=4, rate=None, budget_bits=None,
+             method="opq", channelwise="unified", grid="offset", error_model="laplace",
+             exclude=None, masks=None):
+    """Every check of :func:`compress`, nothing changed: ``(plan, layers, masks)``."""
     _check_model(model, fn)
     done = _compressed_modules(model)
     if done:
-        path, _, q = done[0]
+        path, _, _, q = done[0]
         raise ValueError(f"{fn}: model is already compressed (layer {q.name!r} at module "
                          f"{path!r} has an opq parametrization); compress a fresh model, or "
                          f"strip() this one first")
-    chosen = _candidates(model)
-    module_names = {p for p, _ in model.named_modules()}
-    sd_names = set(model.state_dict().keys())
-
-    # ---- exclude ----
-    if exclude is None:
-        excl = []
-    elif isinstance(exclude, str):
-        excl = [exclude]
-    else:
-        excl = list(exclude)
-    drop = set()
-    for e in excl:
-        if not isinstance(e, str):
-            raise TypeError(f"{fn}: exclude must hold layer names (str), got {e!r}")
-        if e in chosen or e in sd_names:
-            drop.add(e)
-        elif e in module_names:
-            drop.add(f"{e}.weight" if e else "weight")
-        else:
-            raise ValueError(f"{fn}: exclude names layer {e!r}, which is neither a module nor a "
-                             f"state_dict entry of this model")
+    layers = discover(model, () if exclude is None else exclude, fn=fn)
+    chosen = layers.slots
+    drop = set(layers.excluded)
+    excl = [exclude] if isinstance(exclude, str) else list(exclude or ())
 
     # ---- the plan ----
     if plan is None:
-        weights = {n: _numpy_weight(mod.weight) for n, (mod, _) in chosen.items()
-                   if n not in drop}
+        weights = {n: _numpy_weight(sl.tensor) for n, sl in chosen.items()}
         if not weights:
-            raise ValueError(f"{fn}: model has no compressible layer (Linear, Conv*, "
-                             f"ConvTranspose* with a floating weight) left after exclude={excl}")
+            raise ValueError(f"{fn}: model has no compressible tensor (a floating tensor with "
+                             f"ndim >= 2) left after exclude={excl}")
         kw = {} if bits is None else {"bits": bits}
         plan = opq_core.plan(weights, sparsity=sparsity, rate=rate, budget_bits=budget_bits,
                              method=method, channelwise=channelwise, grid=grid,
                              error_model=error_model, **kw)
         planned = set(plan.names)
-        plan = replace(plan, skipped=tuple(k for k in model.state_dict() if k not in planned))
+        plan = replace(plan, skipped=tuple(k for k in layers.names
+                                           if k not in planned and k not in layers.aliases))
     else:
         if not isinstance(plan, Plan):
             raise TypeError(f"{fn}: plan must be an opq_core.Plan, got {type(plan).__name__}")
-        if drop & set(plan.names):
-            keep = tuple(lp for lp in plan.layers if lp.name not in drop)
+        dropped = [lp.name for lp in plan.layers
+                   if lp.name in drop or layers.aliases.get(lp.name) in drop]
+        if dropped:
+            keep = tuple(lp for lp in plan.layers if lp.name not in dropped)
             if not keep:
                 raise ValueError(f"{fn}: exclude={excl} removes every layer of the plan")
-            plan = replace(plan, layers=keep,
-                           skipped=tuple(plan.skipped) + tuple(n for n in plan.names if n in drop))
+            plan = replace(plan, layers=keep, skipped=tuple(plan.skipped) + tuple(dropped))
+        seen = set()
         for lp in plan.layers:
             if lp.name not in chosen:
-                what = ("is not a weight of a Linear/Conv/ConvTranspose module"
-                        if lp.name in sd_names else "is not in this model")
+                if lp.name in layers.aliases:
+                    what = (f"is tied to {layers.aliases[lp.name]!r} in this model; name the "
+                            f"shared tensor by its first state_dict name")
+                elif lp.name in layers.names:
+                    what = "is not a floating tensor with ndim >= 2 in this model"
+                else:
+                    what = "is not in this model"
                 raise ValueError(f"{fn}: plan layer {lp.name!r} {what} (a plan for another model?)")
-            shape = tuple(chosen[lp.name][0].weight.shape)
+            if lp.name in seen:
+                raise ValueError(f"{fn}: plan layer {lp.name!r} appears twice")
+            seen.add(lp.name)
+            shape = tuple(chosen[lp.name].tensor.shape)
             if shape != tuple(lp.shape):
                 raise ValueError(f"{fn}: plan layer {lp.name!r} has shape {tuple(lp.shape)}, the "
                                  f"model's weight has shape {shape} (a plan for another model?)")
@@ -386,8 +428,7 @@ def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=
             raise ValueError(f"{fn}: masks has an entry for {name!r}, which is not a plan layer")
     installed = {}
     for lp in plan.layers:
-        mod = chosen[lp.name][0]
-        w = mod.weight
+        w = chosen[lp.name].tensor
         if lp.name in masks:
             m = masks[lp.name]
             m = m.detach().cpu().numpy() if isinstance(m, torch.Tensor) else np.asarray(m)
@@ -408,19 +449,23 @@ def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=
                                  f"(masks_of(model)) or use restore()") from None
         installed[lp.name] = torch.from_numpy(np.ascontiguousarray(m)).to(w.device)
 
-    # ---- install ----
     for name in installed:
-        mod = chosen[name][0]
-        if parametrize.is_parametrized(mod, "weight"):
-            raise ValueError(f"{fn}: layer {name!r} already has a parametrization on its "
-                             f"weight ({type(mod.parametrizations.weight[0]).__name__}); "
-                             f"opq cannot stack on it")
+        sl = chosen[name]
+        for mod, path, attr in ((sl.module, sl.path, sl.attr),) + sl.aliases:
+            if parametrize.is_parametrized(mod, attr):
+                raise ValueError(f"{fn}: layer {name!r} already has a parametrization on "
+                                 f"{attr!r} of module {path!r}; opq cannot stack on it")
+    return plan, layers, installed
+
+
+def _install(plan, layers, installed):
     meta = _plan_meta(plan)
     for i, lp in enumerate(plan.layers):
-        mod = chosen[lp.name][0]
+        sl = layers.slots[lp.name]
         q = QuantizedWeight(lp, installed[lp.name], meta, index=i)
-        parametrize.register_parametrization(mod, "weight", q)
-    return plan
+        parametrize.register_parametrization(sl.module, sl.attr, q)
+        for mod, _, attr in sl.aliases:
+            _tie(mod, attr, sl.module, sl.attr)
 
 
 # --------------------------------------------------------------------------------------
@@ -438,7 +483,7 @@ def _require(model, fn):
 def quantizers(model) -> dict:
     """``{layer name: QuantizedWeight}`` of a compressed model (to inspect or
     :meth:`~QuantizedWeight.update` a layer)."""
-    return {q.name: q for _, _, q in _require(model, "quantizers")}
+    return {q.name: q for _, _, _, q in _require(model, "quantizers")}
 
 
 def plan_of(model) -> Plan:
@@ -448,7 +493,7 @@ def plan_of(model) -> Plan:
     given at :func:`compress` time.
     """
     mods = _require(model, "plan_of")
-    qs = sorted((q for _, _, q in mods), key=lambda q: q.index)
+    qs = sorted((q for _, _, _, q in mods), key=lambda q: q.index)
     return _plan_from(qs[0].meta, [q.layer for q in qs])
 
 
@@ -465,7 +510,7 @@ def _plan_from(meta, layers):
 def masks_of(model) -> dict:
     """``{layer name: bool ndarray}`` (copies on the CPU) of a compressed model."""
     mods = _require(model, "masks_of")
-    return {q.name: q.mask.detach().cpu().numpy().copy() for _, _, q in mods}
+    return {q.name: q.mask.detach().cpu().numpy().copy() for _, _, _, q in mods}
 
 
 def compressed_weights(model) -> dict:
@@ -476,27 +521,34 @@ def compressed_weights(model) -> dict:
     mods = _require(model, "compressed_weights")
     out = {}
     with torch.no_grad():
-        for _, mod, q in mods:
-            out[q.name] = _numpy_weight(mod.weight).copy()
+        for _, mod, attr, q in mods:
+            out[q.name] = _numpy_weight(getattr(mod, attr)).copy()
     return out
 
 
 def strip(model) -> nn.Module:
     """A deep copy of ``model`` whose weights are plain Parameters holding the compressed
-    values (for inference, TorchScript or ONNX export); ``model`` is left untouched."""
+    values (for inference, TorchScript or ONNX export); ``model`` is left untouched.
+    Shared (tied) tensors stay shared in the copy."""
     _require(model, "strip")
     out = copy.deepcopy(model)
-    for _, mod, q in _compressed_modules(out):
-        plist = mod.parametrizations.weight
+    done = set()
+    for _, mod, attr, q in _compressed_modules(out):
+        plist = mod.parametrizations[attr]
         if len(plist) != 1:
             raise ValueError(f"strip: layer {q.name!r} has {len(plist)} parametrizations on "
-                             f"its weight; only opq's can be removed")
+                             f"{attr!r}; only opq's can be removed")
         # a deep copy shares the parametrized class with the original module, and removing
         # a parametrization deletes the property from that class: give the copy its own.
-        cls = type(mod)
-        ns = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-        mod.__class__ = type(cls.__name__, cls.__bases__, ns)
-        parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+        if id(mod) not in done:
+            done.add(id(mod))
+            cls = type(mod)
+            ns = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+            mod.__class__ = type(cls.__name__, cls.__bases__, ns)
+        parametrize.remove_parametrizations(mod, attr, leave_parametrized=True)
+    for mod in out.modules():
+        if "_opq_ties" in mod.__dict__:
+            _untie(mod)
     return out
 
 
@@ -504,17 +556,33 @@ def strip(model) -> nn.Module:
 # checkpoints
 # --------------------------------------------------------------------------------------
 
-_MARK = ".parametrizations.weight.0._extra_state"
+_MARK = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)\.0\._extra_state$")
+
+
+def _decode_state(v):
+    """The extra state of a QuantizedWeight: a uint8 tensor of JSON (or the dict of
+    checkpoints written by opq 0.1)."""
+    if isinstance(v, dict):
+        return v if "layer" in v else None
+    if isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.dim() == 1:
+        try:
+            d = json.loads(bytes(v.cpu().numpy().tobytes()).decode())
+        except (UnicodeDecodeError, ValueError):
+            return None
+        return d if isinstance(d, dict) and "layer" in d else None
+    return None
 
 
 def _opq_entries(state_dict):
-    """[(module path, extra state)] of the opq layers of a state_dict."""
+    """[(module path, tensor name, extra state dict)] of the opq layers of a state_dict."""
     out = []
     for k, v in state_dict.items():
-        if k.endswith(_MARK) and isinstance(v, dict) and "layer" in v:
-            out.append((k[: -len(_MARK)], v))
-        elif k == _MARK[1:] and isinstance(v, dict) and "layer" in v:
-            out.append(("", v))
+        m = _MARK.match(k) if isinstance(k, str) else None
+        if m is None:
+            continue
+        st = _decode_state(v)
+        if st is not None:
+            out.append((m.group(1) or "", m.group(2), st))
     return out
 
 
@@ -527,19 +595,23 @@ def plan_from_state_dict(state_dict) -> tuple:
     entries = _opq_entries(state_dict)
     if not entries:
         raise ValueError("plan_from_state_dict: the state_dict holds no opq layer "
-                         f"(no key ending in {_MARK!r}); was it saved from a compressed model?")
-    entries.sort(key=lambda e: int(e[1].get("index", 0)))
-    layers, masks = [], {}
-    for path, st in entries:
+                         "(no key '<module>.parametrizations.<name>.0._extra_state'); was it "
+                         "saved from a compressed model?")
+    entries.sort(key=lambda e: int(e[2].get("index", 0)))
+    layers, masks, seen = [], {}, set()
+    for path, attr, st in entries:
         lp = LayerPlan.from_dict(st["layer"])
-        key = (path + "." if path else "") + "parametrizations.weight.0.mask"
+        if lp.name in seen:  # a module reached under two paths: the same layer twice
+            continue
+        seen.add(lp.name)
+        key = (path + "." if path else "") + f"parametrizations.{attr}.0.mask"
         if key not in state_dict:
             raise ValueError(f"plan_from_state_dict: layer {lp.name!r} has no mask ({key!r})")
         m = state_dict[key]
         masks[lp.name] = (m.detach().cpu().numpy() if isinstance(m, torch.Tensor)
                           else np.asarray(m)).astype(bool, copy=True)
         layers.append(lp)
-    return _plan_from(entries[0][1].get("plan", {}), layers), masks
+    return _plan_from(entries[0][2].get("plan", {}), layers), masks
 
 
 def restore(model, state_dict, *, strict: bool = True) -> Plan:

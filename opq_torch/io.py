@@ -13,14 +13,20 @@ True
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
 from opq_core.format import CompressedFile, read_opq, write_opq
 
-from .compress import compress, compressed_weights, is_compressed, masks_of, plan_of
+from dataclasses import replace as dc_replace
 
-__all__ = ["save", "load"]
+from ._layers import discover
+from .compress import (_install, _opq_entries, _prepare, compress, compressed_weights, is_compressed,
+                       masks_of, plan_from_state_dict, plan_of)
+
+__all__ = ["save", "load", "load_pretrained"]
 
 _PARAM = ".parametrizations."
 
@@ -35,8 +41,11 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 def _other_tensors(model) -> dict:
     """Every state_dict tensor that is not a compressed layer or opq's own bookkeeping."""
     out = {}
+    aliases = discover(model, fn="save").aliases  # a tied tensor is stored once
     for k, v in model.state_dict().items():
         if _PARAM in k or k.startswith(_PARAM[1:]) or not isinstance(v, torch.Tensor):
+            continue
+        if k in aliases:
             continue
         out[k] = _numpy(v)
     return out
@@ -82,7 +91,10 @@ def load(path, model, *, progress: bool = False) -> CompressedFile:
 
     ``model`` must be a fresh (not compressed) instance of the saved architecture: the same
     ``state_dict`` names and shapes. Afterwards its outputs equal the saved model's, and it
-    can be fine-tuned further. The model is left untouched when the file does not fit it.
+    can be fine-tuned further. Files written by ``opq compress`` from the model's
+    checkpoint load too (the same tensors are compressed). A tensor tied under several
+    names may be stored under any one of them. Everything is checked before the model is
+    touched: the model is left untouched when the file does not fit it.
 
     Returns
     -------
@@ -100,25 +112,130 @@ def load(path, model, *, progress: bool = False) -> CompressedFile:
     if is_compressed(model):
         raise ValueError("load: model is already compressed; pass a freshly built model")
     cf = read_opq(path, progress=progress)
-    sd = model.state_dict()
-    tensors = dict(cf.other)
-    tensors.update(cf.weights)
     where = f"load: {str(path)!r} does not fit this model"
-    for name, arr in tensors.items():
-        if name not in sd:
+    layers = discover(model, fn="load")
+    canon = layers.aliases  # alias name -> the first state_dict name of the shared tensor
+    sd = model.state_dict()
+    tensors, ignored = {}, []
+    for name, arr in list(cf.other.items()) + list(cf.weights.items()):
+        key = canon.get(name, name)
+        if key in tensors:
+            raise ValueError(f"{where}: the file stores {name!r} and {key!r}, which are one "
+                             f"tied tensor in this model")
+        if key not in sd:
+            if arr.dtype.kind in "iub" and name not in cf.weights:
+                # integer buffers a checkpoint holds and the model builds itself (BERT's
+                # position_ids is non-persistent in recent transformers): not loaded
+                ignored.append(name)
+                continue
             raise ValueError(f"{where}: the file has tensor {name!r} (shape {tuple(arr.shape)}), "
                              "the model has no such entry (a file for another model?)")
-        if tuple(sd[name].shape) != tuple(arr.shape):
+        if tuple(sd[key].shape) != tuple(arr.shape):
             raise ValueError(f"{where}: tensor {name!r} has shape {tuple(arr.shape)} in the "
-                             f"file, {tuple(sd[name].shape)} in the model")
-    missing = [k for k in sd if k not in tensors]
+                             f"file, {tuple(sd[key].shape)} in the model")
+        tensors[key] = arr
+    missing = [k for k in sd if k not in tensors and k not in canon]
     if missing:
         raise ValueError(f"{where}: the model's {missing[0]!r} is not in the file "
                          f"({len(missing)} missing)")
+    # plan layers under the model's names for tied tensors
+    plan, masks = cf.plan, dict(cf.masks)
+    if any(lp.name in canon for lp in plan.layers):
+        plan = dc_replace(plan, layers=tuple(
+            dc_replace(lp, name=canon.get(lp.name, lp.name)) for lp in plan.layers))
+        masks = {canon.get(k, k): v for k, v in masks.items()}
+    try:
+        plan, layers, installed = _prepare(model, plan, fn="load", masks=masks)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: {str(exc).removeprefix('load: ')}") from None
     new_sd = {}
     for k, v in sd.items():
-        t = torch.from_numpy(np.ascontiguousarray(tensors[k]))
-        new_sd[k] = t.to(dtype=v.dtype) if v.is_floating_point() else t.to(dtype=v.dtype)
+        t = torch.from_numpy(np.ascontiguousarray(tensors[canon.get(k, k)]))
+        new_sd[k] = t.to(dtype=v.dtype)
+    # only now is the model changed
     model.load_state_dict(new_sd, strict=True)
-    compress(model, cf.plan, masks=cf.masks)
+    _install(plan, layers, installed)
+    if ignored:
+        warnings.warn(f"load: {str(path)!r}: integer tensor(s) the model does not hold were "
+                      f"not loaded: {', '.join(ignored)}", UserWarning, stacklevel=2)
     return cf
+
+
+def _read_state_dict(folder) -> dict:
+    """A Hugging Face folder's state_dict as torch tensors (safetensors, shards, or
+    pytorch_model.bin via weights_only)."""
+    import json
+    import os
+    folder = str(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"load_pretrained: no such folder {folder!r}")
+    files = []
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        ip = os.path.join(folder, index)
+        if os.path.isfile(ip):
+            with open(ip) as f:
+                wm = json.load(f).get("weight_map")
+            if not isinstance(wm, dict):
+                raise ValueError(f"load_pretrained: {ip!r} has no weight_map")
+            files = sorted(set(wm.values()))
+            break
+    else:
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.isfile(os.path.join(folder, single)):
+                files = [single]
+                break
+    if not files:
+        raise FileNotFoundError(f"load_pretrained: {folder!r} holds no model.safetensors, "
+                                "model.safetensors.index.json or pytorch_model.bin")
+    sd = {}
+    for name in files:
+        fp = os.path.join(folder, name)
+        if os.path.basename(name) != name:
+            raise ValueError(f"load_pretrained: shard name {name!r} leaves the folder")
+        if name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd.update(load_file(fp))
+        else:
+            sd.update(torch.load(fp, map_location="cpu", weights_only=True))
+    return sd
+
+
+def load_pretrained(folder, model):
+    """Read a ``save_pretrained`` folder (or a Trainer checkpoint) of a compressed model
+    into ``model``, a freshly built instance of the architecture (e.g.
+    ``AutoModelForCausalLM.from_config(config)``): compress it as the saved one was and
+    load every tensor. Returns the plan.
+
+    ``from_pretrained`` alone does not know the opq tensors (it would report them as
+    unexpected and the weights as missing); this is the supported path::
+
+        model.save_pretrained(folder)                        # a compressed model
+        fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+        opq_torch.load_pretrained(folder, fresh)             # outputs equal, bit for bit
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"load_pretrained: model must be a torch.nn.Module, got "
+                        f"{type(model).__name__}")
+    sd = _read_state_dict(folder)
+    aliases = discover(model, fn="load_pretrained").aliases
+    # save_pretrained keeps one name of a tied tensor: give the model's other names the
+    # same tensor (a compressed tied tensor has no other names in the compressed model)
+    for alias, name in aliases.items():
+        if alias not in sd and name in sd:
+            sd[alias] = sd[name]
+    for path, attr, st in _opq_entries(sd):
+        saved = (path + "." if path else "") + attr
+        name = st["layer"]["name"]
+        if saved != name and name not in aliases and saved not in aliases:
+            raise ValueError(
+                f"load_pretrained: {str(folder)!r} stores layer {name!r} as {saved!r}: "
+                "save_pretrained renamed the model's tensors (transformers converts the keys "
+                "of some architectures when saving); save the compressed model with "
+                "opq_torch.save or torch.save(model.state_dict()) and use opq_torch.load or "
+                "opq_torch.restore instead")
+    plan, masks = plan_from_state_dict(sd)
+    compress(model, plan, masks=masks)
+    want = set(model.state_dict())
+    model.load_state_dict({k: v for k, v in sd.items() if k in want or k not in aliases},
+                          strict=True)
+    return plan

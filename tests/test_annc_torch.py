@@ -150,7 +150,9 @@ def test_exclude_and_no_layers():
     model = net()
     annc = ANNC(model, rate=10, exclude=["0"])
     assert list(annc.params) == ["3.weight", "5.weight"]
-    with pytest.raises(ValueError, match="no Linear / Conv"):
+    with pytest.raises(ValueError, match="exclude names layer 'nope'"):
+        ANNC(net(), rate=10, exclude=["nope"])
+    with pytest.raises(ValueError, match="no compressible tensor"):
         ANNC(torch.nn.ReLU(), rate=10)
 
 
