@@ -21,7 +21,7 @@ from .ste import CodebookSTE, FakeQuantSTE, fake_quant_codebook_ste, fake_quant_
 __all__ = ["compress", "restore", "is_compressed", "plan_of", "masks_of", "compressed_weights",
            "strip", "plan_from_state_dict", "quantizers", "finetune", "History", "EpochStats", "save", "load",
            "FakeQuantSTE", "CodebookSTE", "fake_quant_ste", "fake_quant_codebook_ste",
-           "QuantizedWeight"]
+           "QuantizedWeight", "pack", "export_onnx"]
 
 
 def save(model, path, *args, **kwargs):
@@ -34,3 +34,16 @@ def load(path, model, *args, **kwargs):
     """Read an .opq file into ``model`` (see :mod:`opq_torch.io`)."""
     from . import io
     return io.load(path, model, *args, **kwargs)
+
+
+def pack(model, *args, **kwargs):
+    """Replace every compressed layer by a packed module (see :mod:`opq_torch.pack`)."""
+    from .pack import pack as _pack
+    return _pack(model, *args, **kwargs)
+
+
+def export_onnx(model, example_input, path, *args, **kwargs):
+    """Write an ONNX model that keeps the compressed weights compressed
+    (see :mod:`opq_torch.export`)."""
+    from .export import export_onnx as _export
+    return _export(model, example_input, path, *args, **kwargs)
