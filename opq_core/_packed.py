@@ -223,8 +223,8 @@ def pack_layer(lp, codes, mask, *, index: str = "auto", blocks: int | None = Non
         raise ValueError(f"{_fn_where(fn, name)}: mask keeps {kept} weights, the plan keeps "
                          f"{lp.kept}")
     if np.any((cd != 0) != m):
-        raise ValueError(f"{_fn_where(fn, name)}: codes are nonzero exactly where the mask is "
-                         "True, not here (codes and mask of different layers?)")
+        raise ValueError(f"{_fn_where(fn, name)}: codes must be nonzero exactly where the "
+                         "mask is True (codes and mask of different layers?)")
     rows = shape[0]
     cols = int(np.prod(shape[1:], dtype=np.int64))
     n = rows * cols
