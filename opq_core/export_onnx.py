@@ -6,26 +6,26 @@ replaces the float initializer of every compressed layer by compressed initializ
 small decode subgraph whose output has the initializer's name, so the rest of the graph is
 unchanged. What a layer becomes (:attr:`ExportedLayer.encoding`):
 
-``"int8-dq"`` / ``"int4-dq"`` / ``"int16-dq"``
-    ``grid="symmetric"`` with the dense codes as an ``int8`` (``bits`` 4..7), ``int4``
-    (``bits <= 3``) or ``int16`` (``bits = 8``) initializer and a per-output-channel
-    ``DequantizeLinear`` (scale :math:`s_c D`, axis 0). Chosen when it is smaller than the
-    sparse form (dense layers).
-``"bitmask+codes-dq"``
-    ``grid="symmetric"``, sparse: the bitmask (1 bit per weight) and the kept weights'
-    symbols at ``bits`` bits (the packed ``.opq`` layout), unpacked in the graph
-    (``BitShift``, ``BitwiseAnd``, ``CumSum``, ``Gather``, ``Where``) into the dense integer
-    codes that feed the same ``DequantizeLinear``.
-``"bitmask+codes-offset"``
-    ``grid="offset"``: the same bitmask and symbols; the level
-    :math:`\theta_c + s_c ((k - \tfrac12) D)` is computed in float64 in the graph, with the
-    kernel's operation order, and rounded once: bit for bit the plan's weights.
+``"bitmask+codes-offset"`` / ``"bitmask+codes-symmetric"`` (default, ``prefer="small"``)
+    The bitmask (1 bit per weight) and the kept weights' symbols at ``bits`` bits (the
+    packed ``.opq`` layout), unpacked in the graph (``BitShift``, ``BitwiseAnd``,
+    ``ReduceSum``, ``CumSum``, ``Gather``, ``Where``) into the integer codes ``+-k``; the
+    level :math:`\theta_c + s_c ((k - \tfrac12) D)` (offset) or :math:`k (s_c D)`
+    (symmetric) is computed in float64 with the kernel's operation order and rounded once:
+    bit for bit the plan's weights. Fully kept layers store no bitmask (``"codes-..."``).
 ``"bitmask+codes-codebook"``
     ``grid="codebook"``: the symbols index a lookup table ``[0, centroids...]`` (``Gather``).
+``"int8-dq"`` / ``"int4-dq"`` / ``"int16-dq"`` (``prefer="qdq"``, symmetric layers)
+    The dense codes as an ``int8`` (``bits`` 4..7), ``int4`` (``bits <= 3``) or ``int16``
+    (``bits = 8``) initializer and a per-output-channel ``DequantizeLinear`` (scale
+    :math:`s_c D` in float32, axis 0): the pattern that quantized-ONNX runtimes turn into
+    integer kernels. The file is larger (no sparsity), and such a runtime may compute with
+    quantized activations: onnxruntime's CPU provider fuses ``DequantizeLinear -> MatMul``
+    into ``MatMulNBits``, by default with int8 activations (session config
+    ``session.qdq_matmulnbits_accuracy_level = "1"`` keeps float32).
 ``"zeros"``
     an empty layer: ``ConstantOfShape``.
-
-Fully kept layers store no bitmask. Everything decoding a weight depends on initializers
+ Everything decoding a weight depends on initializers
 only, so a runtime folds it once when it loads the model (onnxruntime does); the file stays
 small. The gap code of the packed ``.opq`` layout has no cheap ONNX form (sequential
 varints): very sparse layers take the bitmask, and the ONNX file can then be larger than the
@@ -125,24 +125,19 @@ def _int_type(bits: int):
 
 def layer_encoding(lp, prefer: str = "small") -> str:
     """The encoding :func:`compress_onnx` picks for plan layer ``lp`` (see the module
-    docstring): the smaller one (``prefer="small"``), or for symmetric layers always the
-    integer initializer + ``DequantizeLinear`` that quantized-ONNX runtimes fuse
-    (``prefer="qdq"``)."""
+    docstring): the bitmask + symbols form decoded exactly (``prefer="small"``), or for
+    symmetric layers the dense integer initializer + ``DequantizeLinear`` that
+    quantized-ONNX runtimes fuse into integer kernels (``prefer="qdq"``)."""
     if prefer not in ("small", "qdq"):
         raise ValueError(f"prefer must be 'small' or 'qdq', got {prefer!r}")
     n = int(np.prod(lp.shape))
+    if lp.grid not in ("offset", "symmetric", "codebook"):
+        raise ValueError(f"layer {lp.name!r}: grid {lp.grid!r} has no ONNX form")
     if lp.kept == 0:
         return "zeros"
-    if lp.grid == "symmetric":
-        t, _ = _int_type(lp.bits)
-        dense = (n * 4 + 7) // 8 if t == "INT4" else n * (2 if t == "INT16" else 1)
-        sparse = (0 if lp.kept == n else (n + 7) // 8) + (lp.kept * lp.bits + 7) // 8
-        return f"{t.lower()}-dq" if (dense <= sparse or prefer == "qdq") else "bitmask+codes-dq"
-    if lp.grid == "offset":
-        return "bitmask+codes-offset"
-    if lp.grid == "codebook":
-        return "bitmask+codes-codebook"
-    raise ValueError(f"layer {lp.name!r}: grid {lp.grid!r} has no ONNX form")
+    if lp.grid == "symmetric" and prefer == "qdq":
+        return f"{_int_type(lp.bits)[0].lower()}-dq"
+    return ("codes-" if lp.kept == n else "bitmask+codes-") + lp.grid
 
 
 def layer_payload_bytes(lp, prefer: str = "small") -> int:
@@ -153,12 +148,12 @@ def layer_payload_bytes(lp, prefer: str = "small") -> int:
     c = int(lp.shape[0])
     if enc == "zeros":
         return 0
-    if enc.endswith("-dq") and not enc.startswith("bitmask"):
+    if enc.endswith("-dq"):
         t, _ = _int_type(lp.bits)
         return ((n + 1) // 2 if t == "INT4" else n * (2 if t == "INT16" else 1)) + 4 * c
     size = (0 if lp.kept == n else (n + 7) // 8) + (lp.kept * lp.bits + 7) // 8
     if lp.grid == "symmetric":
-        return size + 4 * c
+        return size + 8 * c
     if lp.grid == "offset":
         return size + 16 * c
     return size + 4 * ((1 << lp.bits) + 1)
@@ -234,10 +229,9 @@ def _layer_nodes(b, lp, codes, mask, out_name, elem_type, prefer):
                output=out_name, value=val)
         return enc
     float_out = elem_type
-    if lp.grid == "symmetric":
+    if enc.endswith("-dq"):
         sd = (np.asarray(lp.kernel_scale, dtype=np.float64) * float(lp.step)).astype(np.float32)
         sname = b.const(sd, "scale")
-    if enc.endswith("-dq") and not enc.startswith("bitmask"):
         tname, ndt = _int_type(lp.bits)
         cd = np.asarray(codes).astype(ndt)
         if tname == "INT4":
@@ -266,7 +260,7 @@ def _layer_nodes(b, lp, codes, mask, out_name, elem_type, prefer):
     syms = _unpack_stream(b, sym_buf, lp.kept, lp.bits)
     kcode = b.node("Gather", [b.const(code_lut, "code_lut"), syms], axis=0)
     shp = b.const(np.array(shape, np.int64), "shape")
-    zero64 = b.const(np.array(0, np.int64), "zero") if (lp.kept < n or lp.grid == "offset") \
+    zero64 = b.const(np.array(0, np.int64), "zero") if (lp.kept < n or lp.grid != "codebook") \
         else None
     if lp.kept == n:
         dense_code = b.node("Reshape", [kcode, shp])
@@ -282,12 +276,6 @@ def _layer_nodes(b, lp, codes, mask, out_name, elem_type, prefer):
         dense_flat = b.node("Where", [mask_flat, spread, zero64])
         dense_code = b.node("Reshape", [dense_flat, shp])
         mask_t = b.node("Reshape", [mask_flat, shp])
-    if lp.grid == "symmetric":
-        _, ndt = _int_type(lp.bits)
-        ct = b.node("Cast", [dense_code], to=3 if ndt == np.int8 else 5)  # INT8 / INT16
-        deq = b.node("DequantizeLinear", [ct, sname], axis=0)
-        _finish(b, deq, out_name, float_out, onnx.TensorProto.FLOAT)
-        return enc
     if lp.grid == "codebook":
         table = np.concatenate([[0.0], np.asarray(lp.codebook, dtype=np.float64)])
         table = np.concatenate([table, np.zeros(max(0, (1 << lp.bits) + 1 - table.size))])
@@ -295,13 +283,18 @@ def _layer_nodes(b, lp, codes, mask, out_name, elem_type, prefer):
                      axis=0)
         _finish(b, val, out_name, float_out, onnx.TensorProto.FLOAT)
         return enc
-    # offset grid: level = theta + s * ((k - 0.5) * step), float64, as the kernel
-    theta = b.const(np.asarray(lp.thresholds, np.float64).reshape(bshape), "threshold")
-    scale = b.const(np.asarray(lp.kernel_scale, np.float64).reshape(bshape), "scale")
+    # the kernel's float64 arithmetic: offset theta + s * ((k - 0.5) * step), symmetric
+    # k * (s * step)
     kf = b.node("Cast", [b.node("Abs", [dense_code])], to=11)  # DOUBLE
-    t = b.node("Mul", [b.node("Sub", [kf, b.const(np.array(0.5), "half")]),
-                       b.const(np.array(float(lp.step)), "step")])
-    level = b.node("Add", [theta, b.node("Mul", [scale, t])])
+    s64 = np.asarray(lp.kernel_scale, np.float64)
+    if lp.grid == "offset":
+        theta = b.const(np.asarray(lp.thresholds, np.float64).reshape(bshape), "threshold")
+        scale = b.const(s64.reshape(bshape), "scale")
+        t = b.node("Mul", [b.node("Sub", [kf, b.const(np.array(0.5), "half")]),
+                           b.const(np.array(float(lp.step)), "step")])
+        level = b.node("Add", [theta, b.node("Mul", [scale, t])])
+    else:
+        level = b.node("Mul", [kf, b.const((s64 * float(lp.step)).reshape(bshape), "sd")])
     neg = b.node("Less", [dense_code, zero64])
     signed = b.node("Where", [neg, b.node("Neg", [level]), level])
     if mask_t is not None:

@@ -37,8 +37,8 @@ def load(path, model, *args, **kwargs):
 
 
 def pack(model, *args, **kwargs):
-    """Replace every compressed layer by a packed module (see :mod:`opq_torch.pack`)."""
-    from .pack import pack as _pack
+    """Replace every compressed layer by a packed module (see :mod:`opq_torch.packing`)."""
+    from .packing import pack as _pack
     return _pack(model, *args, **kwargs)
 
 
