@@ -8,6 +8,7 @@ from ._common import CliError, _add_plan_args
 from .compress import cmd_compress
 from .decompress import cmd_decompress
 from .demo import cmd_demo
+from .export import cmd_export
 from .inspect import cmd_inspect
 from .plan import cmd_plan
 
@@ -28,6 +29,7 @@ Examples:
   opq compress model.pt -o model.opq --sparsity 0.9        # write the compressed file
   opq inspect model.opq                                    # sizes and rates per layer
   opq decompress model.opq -o dense.safetensors            # dense fake-quant weights
+  opq export model.opq -o model.onnx --template dense.onnx # ONNX, weights kept compressed
   opq demo                                                 # train, compress, reload (~10 s)
   opq demo --method annc --rate 80                         # the same with ANNC (ADMM)
   opq demo --save-dense digits_cnn.pt                      # also keep the dense weights
@@ -137,6 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print a JSON summary")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_decompress)
+
+    e = sub.add_parser("export", help="an ONNX model whose compressed weights stay compressed",
+                       description="Replace the compressed layers' float initializers of the "
+                                   "dense ONNX model --template (initializers named as the "
+                                   ".opq layers) by their codes, bitmask and a decode "
+                                   "subgraph; other tensors are taken from FILE.opq.")
+    e.add_argument("file", metavar="FILE.opq")
+    e.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    e.add_argument("--template", required=True, metavar="DENSE.onnx",
+                   help="the dense model exported to ONNX (e.g. torch.onnx.export with "
+                        "do_constant_folding=False)")
+    e.add_argument("--prefer", default="small", choices=["small", "qdq"],
+                   help="small: each layer's smallest form; qdq: symmetric layers as int "
+                        "initializers + DequantizeLinear")
+    e.add_argument("--json", action="store_true", help="print a JSON summary")
+    e.set_defaults(func=cmd_export)
 
     m = sub.add_parser("demo", help="train, compress and reload a small CNN (about 10 s)",
                        description="Train a small CNN on scikit-learn's digits (fixed seed, "

@@ -21,7 +21,7 @@ from .ste import CodebookSTE, FakeQuantSTE, fake_quant_codebook_ste, fake_quant_
 __all__ = ["compress", "restore", "is_compressed", "plan_of", "masks_of", "compressed_weights",
            "strip", "plan_from_state_dict", "quantizers", "finetune", "History", "EpochStats", "save", "load",
            "FakeQuantSTE", "CodebookSTE", "fake_quant_ste", "fake_quant_codebook_ste",
-           "QuantizedWeight", "load_pretrained"]
+           "QuantizedWeight", "load_pretrained", "pack", "export_onnx"]
 
 
 def save(model, path, *args, **kwargs):
@@ -41,3 +41,16 @@ def load_pretrained(folder, model):
     (see :func:`opq_torch.io.load_pretrained`)."""
     from . import io
     return io.load_pretrained(folder, model)
+
+
+def pack(model, *args, **kwargs):
+    """Replace every compressed layer by a packed module (see :mod:`opq_torch.packing`)."""
+    from .packing import pack as _pack
+    return _pack(model, *args, **kwargs)
+
+
+def export_onnx(model, example_input, path, *args, **kwargs):
+    """Write an ONNX model that keeps the compressed weights compressed
+    (see :mod:`opq_torch.export`)."""
+    from .export import export_onnx as _export
+    return _export(model, example_input, path, *args, **kwargs)

@@ -16,6 +16,7 @@ __all__ = [
     "scores", "mask_from_scores", "topk_mask_by_magnitude", "mask_from_threshold",
     "symbol", "symbols", "code_of_symbol", "pack_bits", "unpack_bits", "pack_mask",
     "unpack_mask", "gap_encode", "gap_decode", "pack_codes", "unpack_codes",
+    "packed_matmul",
 ]
 
 
@@ -274,3 +275,26 @@ def unpack_codes(buf, mask, bits):
     out = np.zeros(m.size, dtype=np.int64)
     out[np.flatnonzero(m.reshape(-1))] = [code_of_symbol(s, bits) for s in syms]
     return out.reshape(m.shape)
+
+
+def packed_matmul(x, codes, scale, threshold, step, bits, grid="offset", codebook=None):
+    """``x @ W.T`` as :func:`opq_core._packed.packed_matmul` computes it: each kept weight
+    decoded to float32 (the dequantize formula, or ``codebook[code - 1]``), each product
+    ``float64(x) * float64(w)`` added in row-major order of the kept weights to a float64
+    sum that starts at 0.0, the sum rounded to float32."""
+    x = np.atleast_2d(np.asarray(x, dtype=np.float32))
+    cd = _rows(codes).astype(np.int64)
+    if grid == "codebook":
+        cb = np.asarray(codebook, dtype=np.float64).astype(np.float32)
+        w = np.where(cd > 0, cb[np.maximum(cd, 1) - 1], np.float32(0.0)).astype(np.float32)
+    else:
+        w = _rows(dequantize(cd, scale, threshold, step, bits, grid, np.float32))
+    y = np.zeros((x.shape[0], cd.shape[0]), dtype=np.float32)
+    for b in range(x.shape[0]):
+        for c in range(cd.shape[0]):
+            acc = 0.0
+            for j in range(cd.shape[1]):
+                if cd[c, j] != 0:
+                    acc += float(x[b, j]) * float(w[c, j])
+            y[b, c] = np.float32(acc)
+    return y

@@ -1,0 +1,290 @@
+"""Running compressed models: opq_torch.pack (packed modules) and ONNX export (opq_torch.
+export_onnx, ``opq export``) checked against the compressed PyTorch model, in onnxruntime."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import opq_torch
+from opq_torch.demo.examples import make_model
+
+pytestmark = pytest.mark.filterwarnings("ignore:plan. the global rule prunes every weight")
+from opq_torch.packing import PackedConv, PackedLinear, is_packed, packed_nbytes
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+
+class TinyTransformer(nn.Module):
+    """A transformer-like block: embedding-free, Linear layers + LayerNorm on (B, T, D)."""
+
+    def __init__(self, d=24, hidden=48, out=5):
+        super().__init__()
+        self.inp = nn.Linear(12, d)
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.ln2 = nn.LayerNorm(d)
+        self.ff1 = nn.Linear(d, hidden)
+        self.ff2 = nn.Linear(hidden, d)
+        self.head = nn.Linear(d, out)
+
+    def forward(self, x):
+        h = self.inp(x)
+        q, k, v = self.qkv(self.ln1(h)).chunk(3, dim=-1)
+        att = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        h = h + self.proj(att @ v)
+        h = h + self.ff2(torch.relu(self.ff1(self.ln2(h))))
+        return self.head(h.mean(dim=1))
+
+
+def _cnn(**kw):
+    torch.manual_seed(0)
+    net = make_model("digits_cnn").eval()
+    opq_torch.compress(net, **kw)
+    return net
+
+
+def _transformer(**kw):
+    torch.manual_seed(0)
+    net = TinyTransformer().eval()
+    opq_torch.compress(net, **kw)
+    return net
+
+
+def _ort_run(path, x, float_matmul=False):
+    so = ort.SessionOptions()
+    if float_matmul:  # DequantizeLinear -> MatMul fused into MatMulNBits: float32 activations
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+
+
+# ---------------------------------------------------------------------------------------
+# pack
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make,shape", [(_cnn, (1, 8, 8)), (_transformer, (6, 12))])
+@pytest.mark.parametrize("kw", [dict(sparsity=0.8, bits=4), dict(sparsity=0.5, bits=3,
+                                                                  grid="symmetric")])
+def test_pack_equals_the_compressed_model(make, shape, kw):
+    net = make(**kw)
+    packed = opq_torch.pack(net)
+    assert is_packed(packed) and not is_packed(net) and opq_torch.is_compressed(net)
+    mods = {n: m for n, m in packed.named_modules() if isinstance(m, (PackedLinear, PackedConv))}
+    plan = opq_torch.plan_of(net)
+    assert sorted(m.name for m in mods.values()) == sorted(plan.names)
+    orig = dict(net.named_modules())
+    for path, m in mods.items():
+        # bit for bit the compressed model's weights
+        assert torch.equal(m.weight_dense(), orig[path].weight.detach())
+        assert not any(isinstance(b, torch.Tensor) and b.is_floating_point() and
+                       b.shape == orig[path].weight.shape for b in m.buffers())
+    with torch.no_grad():
+        for batch in (1, 3, 40):  # the packed kernel (<= 32 rows) and the decoded weight
+            x = torch.randn(batch, *shape)
+            assert torch.allclose(packed(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_pack_memory_is_the_packed_file(tmp_path):
+    net = _transformer(sparsity=0.85, bits=4)
+    f = opq_torch.save(net, tmp_path / "t.opq", layout="packed")
+    held = packed_nbytes(opq_torch.pack(net))
+    for rec in f.layers:
+        # codes + index as in the file, scales float64 (the file: float16), + checkpoints
+        rows = rec.shape[0]
+        assert held[rec.name] <= rec.parts["mask"] + rec.parts["codes"] + 16 * rows \
+            + 32 * (rows + 1)
+
+
+def test_pack_inplace_state_dict_and_grad():
+    net = _cnn(sparsity=0.8, bits=4)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        want = net(x)
+    packed = opq_torch.pack(net, inplace=True)
+    assert packed is net and not opq_torch.is_compressed(net)
+    with torch.no_grad():
+        assert torch.allclose(net(x), want, atol=1e-5)
+    sd = net.state_dict()
+    assert any(k.endswith("code_bytes") for k in sd)
+    x.requires_grad_(True)
+    net(x).sum().backward()  # autograd goes through the decoded weights
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_pack_errors_are_one_line():
+    with pytest.raises(ValueError, match="not compressed"):
+        opq_torch.pack(nn.Linear(3, 4))
+    net = _cnn(sparsity=0.5, bits=4)
+    with pytest.raises(ValueError, match="small_batch must be"):
+        opq_torch.pack(net, small_batch=-1)
+    with pytest.raises(ValueError, match="index must be"):
+        opq_torch.pack(net, index="rle")
+    packed = opq_torch.pack(net)
+    with pytest.raises(ValueError, match=r"PackedLinear 'fc1.weight': input has 255 features"):
+        packed.fc1(torch.randn(1, 255))
+
+
+# ---------------------------------------------------------------------------------------
+# ONNX
+# ---------------------------------------------------------------------------------------
+
+EXPORTS = [
+    (dict(sparsity=0.8, bits=4), "small", "bitmask+codes-offset"),
+    (dict(sparsity=0.7, bits=4, grid="symmetric"), "small", "bitmask+codes-symmetric"),
+    (dict(sparsity=0.5, bits=5, grid="symmetric"), "qdq", "int8-dq"),
+    (dict(sparsity=0.3, bits=3, grid="symmetric"), "qdq", "int4-dq"),
+    (dict(sparsity=0.6, bits=8, grid="symmetric"), "qdq", "int16-dq"),
+    (dict(sparsity=0.0, bits=2), "small", "codes-offset"),
+]
+
+
+@pytest.mark.parametrize("make,shape", [(_cnn, (1, 8, 8)), (_transformer, (6, 12))])
+@pytest.mark.parametrize("kw,prefer,encoding", EXPORTS)
+def test_onnx_export_equals_the_compressed_model(tmp_path, make, shape, kw, prefer, encoding):
+    net = make(**kw)
+    path = tmp_path / "m.onnx"
+    rep = opq_torch.export_onnx(net, torch.randn(1, *shape), path, prefer=prefer,
+                                input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    encodings = {e.encoding for e in rep.layers}
+    assert encoding in encodings and encodings <= {encoding, "zeros"}
+    assert ("zeros" in encodings) == any(lp.kept == 0 for lp in opq_torch.plan_of(net).layers)
+    m = onnx.load(str(path))
+    onnx.checker.check_model(m)
+    plan = opq_torch.plan_of(net)
+    names = {t.name for t in m.graph.initializer}
+    assert not names & set(plan.names)  # no dense copy of a compressed weight
+    assert os.path.getsize(path) < rep.dense_bytes
+    x = torch.randn(4, *shape)
+    with torch.no_grad():
+        want = net(x).numpy()
+    got = _ort_run(path, x, float_matmul=prefer == "qdq")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grid", ["offset", "symmetric"])
+def test_onnx_default_export_decodes_bit_exactly(tmp_path, grid):
+    """The decode subgraph is float64 with the kernel's operation order."""
+    from onnx import helper, TensorProto
+    net = _transformer(sparsity=0.8, bits=4, grid=grid)
+    path = tmp_path / "m.onnx"
+    opq_torch.export_onnx(net, torch.randn(1, 6, 12), path)
+    m = onnx.load(str(path))
+    m.graph.output.extend([helper.make_tensor_value_info("ff1.weight", TensorProto.FLOAT,
+                                                         None)])
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = s.run(["ff1.weight"], {s.get_inputs()[0].name: np.zeros((1, 6, 12), np.float32)})[0]
+    assert np.array_equal(got, opq_torch.compressed_weights(net)["ff1.weight"])
+
+
+def test_codebook_layers_export(tmp_path):
+    from dataclasses import replace
+    net = _transformer(sparsity=0.7, bits=3)
+    plan, masks = opq_torch.plan_of(net), opq_torch.masks_of(net)
+    rng = np.random.default_rng(3)
+    layers = []
+    for lp in plan.layers:
+        cb = np.unique(rng.normal(scale=0.2, size=8).astype(np.float32).astype(np.float64))
+        layers.append(replace(lp, grid="codebook", codebook=cb[cb != 0]))
+    fresh = TinyTransformer().eval()
+    fresh.load_state_dict({k.replace(".parametrizations.weight.original", ".weight"): v
+                           for k, v in net.state_dict().items() if "parametrizations" not in k
+                           or k.endswith(".original")})
+    opq_torch.compress(fresh, replace(plan, layers=tuple(layers), grid="codebook"), masks=masks)
+    path = tmp_path / "cb.onnx"
+    rep = opq_torch.export_onnx(fresh, torch.randn(1, 6, 12), path, input_names=["x"],
+                                dynamic_axes={"x": {0: "batch"}})
+    assert {e.encoding for e in rep.layers} == {"bitmask+codes-codebook"}
+    x = torch.randn(3, 6, 12)
+    with torch.no_grad():
+        want = fresh(x).numpy()
+    np.testing.assert_allclose(_ort_run(path, x), want, rtol=1e-5, atol=1e-5)
+    # and pack handles codebook layers too
+    with torch.no_grad():
+        assert torch.allclose(opq_torch.pack(fresh)(x), fresh(x), atol=1e-5)
+
+
+def test_onnx_refusals_name_the_layer(tmp_path):
+    from opq_core.export_onnx import compress_onnx
+    from opq_core.format import layer_codes
+    from opq_torch.export import onnx_template
+    net = _cnn(sparsity=0.8, bits=4)
+    with pytest.raises(ValueError, match="not compressed"):
+        opq_torch.export_onnx(make_model("digits_cnn"), torch.randn(1, 1, 8, 8),
+                              tmp_path / "x.onnx")
+    with pytest.raises(ValueError, match="prefer must be"):
+        opq_torch.export_onnx(net, torch.randn(1, 1, 8, 8), tmp_path / "x.onnx", prefer="big")
+    plan, masks = opq_torch.plan_of(net), opq_torch.masks_of(net)
+    w = opq_torch.compressed_weights(net)
+    codes = {lp.name: layer_codes(lp, w[lp.name], masks[lp.name]) for lp in plan.layers}
+    template = onnx.load_from_string(onnx_template(opq_torch.strip(net), torch.randn(1, 1, 8, 8)))
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(template)
+    for t in renamed.graph.initializer:
+        if t.name == "fc1.weight":
+            t.name = "fc1_w"
+    with pytest.raises(ValueError) as ei:
+        compress_onnx(renamed, plan, codes, masks)
+    assert "layer 'fc1.weight' is not an initializer" in str(ei.value)
+    assert "\n" not in str(ei.value)
+    other = make_model("digits_cnn", num_classes=7).eval()
+    t7 = onnx.load_from_string(onnx_template(other, torch.randn(1, 1, 8, 8)))
+    with pytest.raises(ValueError, match=r"layer 'fc2.weight' has shape \(10, 64\) in the plan, "
+                                         r"\(7, 64\)"):
+        compress_onnx(t7, plan, codes, masks)
+    with pytest.raises(TypeError, match="must be an onnx.ModelProto"):
+        compress_onnx(b"not a model", plan, codes, masks)
+
+
+# ---------------------------------------------------------------------------------------
+# the command line
+# ---------------------------------------------------------------------------------------
+
+def test_cli_export_and_inspect(tmp_path, capsys):
+    import json
+    from opq_cli.main import main
+    from opq_torch.export import onnx_template
+    torch.manual_seed(0)
+    dense = make_model("digits_cnn").eval()
+    (tmp_path / "dense.onnx").write_bytes(onnx_template(dense, torch.randn(1, 1, 8, 8),
+                                                        input_names=["x"],
+                                                        dynamic_axes={"x": {0: "b"}}))
+    net = dense
+    opq_torch.compress(net, sparsity=0.8, bits=4)
+    with torch.no_grad():  # the .opq's other tensors replace the template's
+        net.fc2.bias.add_(0.5)
+    opq_torch.save(net, tmp_path / "m.opq")
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "m.opq"), "-o", str(out), "--template",
+                 str(tmp_path / "dense.onnx"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["onnx_bytes"] == os.path.getsize(out) < summary["template_bytes"]
+    assert summary["updated_other"] == 5
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        want = net(x).numpy()
+    np.testing.assert_allclose(_ort_run(out, x), want, rtol=1e-5, atol=1e-5)
+    # refusals: one line, exit status 2, inputs untouched
+    before = (tmp_path / "dense.onnx").read_bytes()
+    assert main(["export", str(tmp_path / "m.opq"), "-o", str(tmp_path / "dense.onnx"),
+                 "--template", str(tmp_path / "dense.onnx")]) == 2
+    assert main(["export", str(tmp_path / "m.opq"), "-o", str(tmp_path / "y.onnx"),
+                 "--template", str(tmp_path / "missing.onnx")]) == 2
+    assert main(["export", str(tmp_path / "m.opq"), "-o", str(tmp_path / "y.txt"),
+                 "--template", str(tmp_path / "dense.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(e.startswith("opq export: error:") for e in err)
+    assert (tmp_path / "dense.onnx").read_bytes() == before
+    assert not (tmp_path / "y.onnx").exists()
+    assert main(["inspect", str(tmp_path / "m.opq"), "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert "what the exports keep compressed" in text
+    assert "bitmask+codes-offset" in text and "4-bit codes + bitmask" in text
+    assert main(["inspect", str(tmp_path / "m.opq"), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [e["onnx"] for e in d["exports"]] == ["bitmask+codes-offset"] * 5
