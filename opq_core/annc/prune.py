@@ -8,7 +8,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .._jit import PARALLEL_MIN_SIZE, jit, prange
+from .._jit import PARALLEL_MIN_SIZE, jit, prange, twins
 from ..select import band_half_width
 from ._common import _BLOCK, _bad_weight, _check_budget, _layers, _per_layer_int
 
@@ -78,8 +78,7 @@ def _sq_cuts(b, lo, hi):
     return t_hi, t_lo
 
 
-@jit(parallel=True)
-def _band_par(x, b, t_hi, t_lo, mask, cd, ci, cap, above, band, sqa, sqt, mx):
+def _band_ser(x, b, t_hi, t_lo, mask, cd, ci, cap, above, band, sqa, sqt, mx):
     n = x.shape[0]
     for k in prange(above.shape[0]):
         s = k * _BLOCK
@@ -88,14 +87,7 @@ def _band_par(x, b, t_hi, t_lo, mask, cd, ci, cap, above, band, sqa, sqt, mx):
             x, b, t_hi, t_lo, mask, s, e, cd, ci, k * cap, cap)
 
 
-@jit()
-def _band_ser(x, b, t_hi, t_lo, mask, cd, ci, cap, above, band, sqa, sqt, mx):
-    n = x.shape[0]
-    for k in range(above.shape[0]):
-        s = k * _BLOCK
-        e = min(n, s + _BLOCK)
-        above[k], band[k], sqa[k], sqt[k], mx[k] = _band_block(
-            x, b, t_hi, t_lo, mask, s, e, cd, ci, k * cap, cap)
+_band_ser, _band_par = twins(_band_ser)
 
 
 @jit()
