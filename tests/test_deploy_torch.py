@@ -325,3 +325,12 @@ def test_core_export_of_a_hand_made_graph_with_a_deduplicated_weight(tmp_path):
     got = s.run(None, {"x": x})[0]
     want = x @ dense["a.weight"].T + x @ dense["b.weight"].T
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_doctests():
+    import doctest
+    import opq_torch.export as E
+    import opq_torch.packing as P
+    for mod in (P, E):
+        res = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert res.attempted > 0 and res.failed == 0, mod.__name__
