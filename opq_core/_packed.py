@@ -53,8 +53,13 @@ INDEX_KINDS = ("none", "bitmask", "gap")
 MAX_BLOCKS = 256
 _GRIDS = {"offset": 0, "symmetric": 1, "codebook": 2}
 
-# number of trailing zero bits of a nonzero byte (index 0 unused)
-_TZ = np.array([0] + [(v & -v).bit_length() - 1 for v in range(1, 256)], dtype=np.int64)
+# trailing zeros of a 32-bit word's lowest set bit b: _DB32[((b * _DEBRUIJN) >> 27) & 31]
+# (the product stays below 2**63: no overflow, with or without the JIT)
+_DEBRUIJN = 0x077CB531
+_DB32 = np.zeros(32, dtype=np.int64)
+for _i in range(32):
+    _DB32[(((1 << _i) * _DEBRUIJN) >> 27) & 31] = _i
+del _i
 
 
 def _fn_where(fn, name):
@@ -405,20 +410,27 @@ def _mm_block(xt, y, kind, idx, cbytes, bits, grid, scale, thr, step, cb, cols,
                         for b in range(nb):
                             acc[b] += np.float64(xt[col, b]) * wv
         else:
+            # 32-bit words of the bitmask, one set bit at a time (lowest first)
             bit0 = row * cols
             bit1 = bit0 + cols
-            for by in range(bit0 >> 3, (bit1 + 7) >> 3):
-                v = np.int64(idx[by])
+            nby = idx.shape[0]
+            for q in range(bit0 >> 5, (bit1 + 31) >> 5):
+                by = 4 * q
+                v = 0
+                for t in range(4):
+                    if by + t < nby:
+                        v |= np.int64(idx[by + t]) << (8 * t)
                 if v == 0:
                     continue
-                base = by * 8
+                base = 32 * q
                 if base < bit0:
-                    v &= (0xFF << (bit0 - base)) & 0xFF
-                if base + 8 > bit1:
+                    v &= (0xFFFFFFFF << (bit0 - base)) & 0xFFFFFFFF
+                if base + 32 > bit1:
                     v &= (1 << (bit1 - base)) - 1
                 while v:
-                    col = base + _TZ[v] - bit0
-                    v &= v - 1
+                    low = v & -v
+                    col = base + _DB32[((low * _DEBRUIJN) >> 27) & 31] - bit0
+                    v ^= low
                     if sn < bits:
                         sacc |= np.int64(cbytes[cp]) << sn
                         cp += 1

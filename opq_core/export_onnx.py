@@ -357,7 +357,20 @@ def compress_onnx(template, plan, codes, masks, *, other=None, prefer="small",
     g = model.graph
     inits = {t.name: i for i, t in enumerate(g.initializer)}
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+    # exporters deduplicate equal initializers (two all-zero layers, say): the duplicate is
+    # then the output of an Identity of the kept one; that Identity is replaced too
+    alias = {}
+    for i, nd in enumerate(g.node):
+        if nd.op_type == "Identity" and len(nd.output) == 1 and nd.input \
+                and nd.input[0] in inits:
+            alias[nd.output[0]] = (i, nd.input[0])
+    plan_names = {lp.name for lp in plan.layers}
+    identities = set()
     for lp in plan.layers:
+        if lp.name not in inits and lp.name in alias:
+            i, src = alias[lp.name]
+            identities.add(i)
+            inits[lp.name] = inits[src]
         if lp.name not in inits:
             raise ValueError(f"export: layer {lp.name!r} is not an initializer of {where} (its "
                              "weights must be stored under the layer's name; export the "
@@ -407,13 +420,25 @@ def compress_onnx(template, plan, codes, masks, *, other=None, prefer="small",
                 old = nh.to_array(t)
                 g.initializer[i].CopyFrom(nh.from_array(a.astype(old.dtype), t.name))
                 updated += 1
+        # a deduplicated tensor whose value in the compressed model differs from the one
+        # it was merged with gets its own initializer again
+        values = {t.name: t for t in g.initializer}
+        for name, (i, src) in alias.items():
+            if name in other and name not in plan_names and src in values and \
+                    tuple(np.shape(other[name])) == tuple(values[src].dims):
+                srcv = nh.to_array(values[src])
+                a = np.asarray(other[name]).astype(srcv.dtype)
+                if not np.array_equal(a, srcv):
+                    g.initializer.append(nh.from_array(a, name))
+                    identities.add(i)
+                    updated += 1
     kept_inits = [t for t in g.initializer if t.name not in drop]
     del g.initializer[:]
     g.initializer.extend(kept_inits)
     kept_inputs = [v for v in g.input if v.name not in drop]
     del g.input[:]
     g.input.extend(kept_inputs)
-    old_nodes = list(g.node)
+    old_nodes = [nd for j, nd in enumerate(g.node) if j not in identities]
     del g.node[:]
     g.node.extend(new_nodes + old_nodes)
     opset = OPSET

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import opq_core
 import opq_torch
 from opq_torch.demo.examples import make_model
 
@@ -288,3 +289,48 @@ def test_cli_export_and_inspect(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "m.opq"), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert [e["onnx"] for e in d["exports"]] == ["bitmask+codes-offset"] * 5
+
+
+def test_core_export_of_a_hand_made_graph_with_a_deduplicated_weight(tmp_path):
+    """compress_onnx on a graph built by hand: ``b.weight`` is an Identity of ``a.weight``
+    (as exporters write two equal initializers); both are compressed layers."""
+    from onnx import TensorProto, helper, numpy_helper
+    from opq_core.export_onnx import compress_onnx, write_onnx
+    from opq_core.format import layer_codes
+    rng = np.random.default_rng(0)
+    wa = rng.laplace(size=(6, 10)).astype(np.float32)
+    wb = rng.laplace(size=(6, 10)).astype(np.float32)
+    p = opq_core.plan({"a.weight": wa, "b.weight": wb}, sparsity=0.6, bits=4)
+    masks = p.masks({"a.weight": wa, "b.weight": wb})
+    codes = {lp.name: layer_codes(lp, {"a.weight": wa, "b.weight": wb}[lp.name],
+                                  masks[lp.name]) for lp in p.layers}
+    dense = p.apply({"a.weight": wa, "b.weight": wb})
+    nodes = [helper.make_node("Identity", ["a.weight"], ["b.weight"]),
+             helper.make_node("Gemm", ["x", "a.weight"], ["ya"], transB=1),
+             helper.make_node("Gemm", ["x", "b.weight"], ["yb"], transB=1),
+             helper.make_node("Add", ["ya", "yb"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "dedup", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])],
+        initializer=[numpy_helper.from_array(wa, "a.weight")])
+    template = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model, rep = compress_onnx(template, p, codes, masks)
+    assert [e.name for e in rep.layers] == ["a.weight", "b.weight"] and rep.opset == 21
+    assert not any(list(nd.input) == ["a.weight"] and list(nd.output) == ["b.weight"]
+                   for nd in model.graph.node)
+    path = tmp_path / "dedup.onnx"
+    write_onnx(model, path)
+    x = rng.standard_normal((2, 10)).astype(np.float32)
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = s.run(None, {"x": x})[0]
+    want = x @ dense["a.weight"].T + x @ dense["b.weight"].T
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_doctests():
+    import doctest
+    import opq_torch.export as E
+    import opq_torch.packing as P
+    for mod in (P, E):
+        res = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert res.attempted > 0 and res.failed == 0, mod.__name__

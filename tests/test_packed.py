@@ -134,3 +134,10 @@ def test_repr_and_accounting():
     assert isinstance(pl, PackedLayer) and "sparsity=0.7500" in repr(pl)
     assert pl.nbytes == sum(a.nbytes for a in pl.arrays().values())
     assert pl.payload_bytes < pl.nbytes
+
+
+def test_doctests():
+    import doctest
+    import opq_core._packed as P
+    res = doctest.testmod(P, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert res.attempted > 0 and res.failed == 0
