@@ -14,7 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_bench_scale_quick(tmp_path):
     out = tmp_path / "scale.json"
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    # compiled kernels cached on disk: the steps after the first reuse them
+    env = dict(os.environ, PYTHONPATH=ROOT, OPQ_NUMBA_CACHE="1",
+               NUMBA_CACHE_DIR=str(tmp_path / "numba"))
     subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_scale.py"),
                     "--quick", "--json", str(out)], check=True, env=env, capture_output=True)
     d = json.loads(out.read_text())
