@@ -27,8 +27,18 @@ def input_rates(f) -> dict:
 
 
 def cmd_inspect(args):
-    from opq_core.format import read_opq
-    f = read_opq(args.file, decode=args.verify, progress=_progress(args) and args.verify)
+    from opq_core.format import OpqStream, read_opq
+    if args.verify:  # decode every layer, one at a time (memory: one layer)
+        with OpqStream(args.file) as s:
+            f = s.file
+            names = f.plan.names
+            if _progress(args):
+                from tqdm import tqdm
+                names = tqdm(names, desc="verify", unit="layer", leave=False)
+            for name in names:
+                s.tensor(name)
+    else:
+        f = read_opq(args.file, decode=False)
     rates = input_rates(f)
     if args.json:
         d = f.to_dict()

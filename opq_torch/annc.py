@@ -44,7 +44,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -56,8 +55,6 @@ from .compress import compress, is_compressed
 from .finetune import History, finetune
 
 __all__ = ["ANNC", "ProjectionRecord", "ANNCResult", "compress_annc"]
-
-_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ import opq_core
 from opq_core.allocate import LayerPlan, Plan
 from opq_core.apply import layer_mask
 
-from ._layers import compressible, discover
+from ._layers import discover
 from .ste import CodebookSTE, FakeQuantSTE
 
 __all__ = ["compress", "restore", "quantizers", "is_compressed", "plan_of", "masks_of", "compressed_weights",
@@ -68,7 +68,6 @@ COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
                 nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 _STATE_VERSION = 1
-_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _plan_meta(plan: Plan) -> dict:
