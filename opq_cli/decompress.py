@@ -1,10 +1,9 @@
 """``opq decompress``: the dense weights of a .opq file."""
 from __future__ import annotations
 
-import json
 import os
 
-from ._common import CliError, _check_output, _progress
+from ._common import CliError, _check_paths, _dumps, _progress
 
 
 def cmd_decompress(args):
@@ -17,13 +16,16 @@ def cmd_decompress(args):
     if FORMATS[ext] == "onnx" and not args.template:
         raise CliError("--template: writing .onnx needs the original .onnx model "
                        "(--template model.onnx) whose initializers are replaced")
-    _check_output(args.output, args.file)
+    if args.template and FORMATS[ext] != "onnx":
+        raise CliError(f"--template: only for .onnx output (got -o {args.output!r})")
+    _check_paths([("-o/--output", args.output)],
+                 [("FILE.opq", args.file), ("--template", args.template)])
     f = read_opq(args.file, progress=_progress())
     tensors = dict(f.other)
     tensors.update(f.weights)
     save_weights(args.output, tensors, template=args.template)
     if args.json:
-        print(json.dumps({"output": args.output, "tensors": len(tensors),
+        print(_dumps({"output": args.output, "tensors": len(tensors),
                           "compressed_layers": len(f.weights)}))
     else:
         print(f"wrote {len(tensors)} tensors ({len(f.weights)} decompressed layers) to "

@@ -1,19 +1,20 @@
 """``opq inspect``: sizes and rates of a .opq file."""
 from __future__ import annotations
 
-import json
 
-from ._common import _progress
+from ._common import _check_paths, _check_plot, _dumps, _progress
 
 
 def cmd_inspect(args):
     from opq_core.format import read_opq
+    _check_plot(args.plot)
+    _check_paths([("--plot", args.plot)], [("FILE.opq", args.file)])
     f = read_opq(args.file, decode=args.verify, progress=_progress() and args.verify)
     if args.json:
         d = f.to_dict()
         d["plan"] = f.plan.to_dict()
         d["verified"] = bool(args.verify)
-        print(json.dumps(d))
+        print(_dumps(d))
     else:
         print(f.table())
         if args.verify:
