@@ -15,9 +15,9 @@ def cmd_compress(args):
         raise CliError(f"-o/--output: expected a .opq file name, got {args.output!r}")
     if args.layout not in LAYOUTS:  # pragma: no cover - argparse checks choices
         raise CliError(f"--layout: expected one of {LAYOUTS}, got {args.layout!r}")
-    _check_plot(args.plot)
     _check_paths([("-o/--output", args.output), ("--plot", args.plot)],
                  [("CHECKPOINT", args.checkpoint)])
+    _check_plot(args.plot)
     meta = {"source": os.path.basename(args.checkpoint)}
     if args.method == "annc":
         f, acc = _compress_annc(args, meta)

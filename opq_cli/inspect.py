@@ -7,8 +7,8 @@ from ._common import _check_paths, _check_plot, _dumps, _progress
 
 def cmd_inspect(args):
     from opq_core.format import read_opq
-    _check_plot(args.plot)
     _check_paths([("--plot", args.plot)], [("FILE.opq", args.file)])
+    _check_plot(args.plot)
     f = read_opq(args.file, decode=args.verify, progress=_progress() and args.verify)
     if args.json:
         d = f.to_dict()

@@ -10,9 +10,9 @@ def plan_json(p, **kw) -> str:
 
 
 def cmd_plan(args):
-    _check_plot(args.plot)
     _check_paths([("-o/--output", args.output), ("--plot", args.plot)],
                  [("CHECKPOINT", args.checkpoint)])
+    _check_plot(args.plot)
     weights = _weights_from(args.checkpoint)
     p = _make_plan(args, weights)
     if args.output:

@@ -1031,7 +1031,7 @@ def _check_description(path, fb, header, start, desc, version, layout, size):
     if type(plan_d.get("version")) is not int or not 1 <= plan_d["version"] <= FORMAT_VERSION:
         raise _bad(path, f"unknown plan version {plan_d.get('version')!r}",
                    field="plan.version")
-    _real(path, plan_d, "lam", finite=False, allow=(-math.inf,))
+    _real(path, plan_d, "lam", allow=(-math.inf,))
     if not isinstance(plan_d.get("skipped", []), list):
         raise _bad(path, "expected a list", field="plan.skipped")
     seen = set()
@@ -1089,7 +1089,7 @@ def _check_layer(path, fb, header, start, ld, info, layout):
     if grid != "codebook" and not step > 0:
         raise _bad(path, f"expected a step > 0, got {step!r}", name, "step")
     score_q = _real(path, ld, "score_q", name, lo=0.0)
-    lam = _real(path, ld, "lam", name, finite=False, allow=(-math.inf,))
+    lam = _real(path, ld, "lam", name, allow=(-math.inf,))
     for key in ("quant_error", "predicted_sparsity", "pruning_error", "predicted_error"):
         _real(path, ld, key, name, finite=False, allow=(math.inf,))
     scale_dt = _choice(path, ld, "scale_dtype", _SCALE_DTYPES, name)
@@ -1188,6 +1188,11 @@ def read_opq(path, *, decode: bool = True, progress: bool = False) -> Compressed
     True
     """
     from .allocate import Plan
+    from .io import WeightFileError, check_input_file
+    try:
+        check_input_file(path)  # before open(): opening a FIFO would block
+    except WeightFileError as exc:
+        raise OpqFormatError(str(exc)) from None
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -1213,11 +1218,17 @@ def read_opq(path, *, decode: bool = True, progress: bool = False) -> Compressed
                 for lp, info in _bar(list(zip(plan.layers, infos)), progress, "decode"):
                     layer = lp.name
                     blob = _entry_bytes(path, fb, header, start, _PREFIX + lp.name, lp.name)
-                    mask, codes = _decode_layer_blob(lp, blob, info)
-                    del blob
-                    masks[lp.name] = mask
-                    weights[lp.name] = decode_layer(lp, codes)
-                    del codes
+                    try:
+                        mask, codes = _decode_layer_blob(lp, blob, info)
+                        del blob
+                        masks[lp.name] = mask
+                        weights[lp.name] = decode_layer(lp, codes)
+                        del codes
+                    except (OpqFormatError, ValueError) as exc:
+                        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                        if text.startswith(f"layer {lp.name!r}: "):
+                            text = text[len(f"layer {lp.name!r}: "):]
+                        raise _bad(path, text, layer=lp.name) from None
                 layer = None
                 for name in other_names:
                     e = header[name]

@@ -386,14 +386,17 @@ def _pickle_refusal(path, exc) -> WeightFileError:
     why = ""
     for line in text.splitlines():
         line = line.strip()
-        if "Unsupported global" in line or "Unsupported operand" in line:
+        if ("Unsupported global" in line or "Unsupported operand" in line
+                or "unsupported GLOBAL" in line or "Unsupported class" in line):
             why = line
             break
         if line.startswith("WeightsUnpickler error:"):
             why = line[len("WeightsUnpickler error:"):].strip()
             break
     if not why:
-        why = text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()
+                 and "documentation of torch.load" not in ln and "Weights only load" not in ln]
+        why = lines[0] if lines else type(exc).__name__
     return WeightFileError(
         f"path: {str(path)!r} refused: it holds pickled Python objects other than tensors "
         f"and plain containers, and unpickling them could run code; opq only loads tensors "
