@@ -156,7 +156,7 @@ def _huge_shape(meta, desc, entries):
 
 def _zlib_bomb(meta, desc, entries):
     text = json.dumps(desc).encode()
-    bomb = text[:-1] + b', "pad": "' + b" " * (200 * 1024 * 1024) + b'"}'
+    bomb = text[:-1] + b', "pad": "' + b" " * (32 * 1024 * 1024) + b'"}'
     return {"desc_bytes": zlib.compress(bomb, 9)}
 
 

@@ -321,38 +321,44 @@ def test_demo_outputs_must_differ(tmp_path, capsys):
 # --train imports what the user names, nothing from the current folder
 # ---------------------------------------------------------------------------------------
 
-def test_train_hook_does_not_import_from_the_current_folder(tmp_path, good):
+def test_train_hook_does_not_import_from_the_current_folder(tmp_path, good, monkeypatch):
+    from opq_cli._common import CliError
+    from opq_cli.compress import _training_hook
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    marker = tmp_path / "SHADOW_RAN"
+    for mod in ("torch", "evilhook_opq"):
+        (cwd / f"{mod}.py").write_text(f"open({str(marker)!r}, 'w').write('{mod}')\n"
+                                       "def task(path):\n    return {}\n")
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "path", ["", str(cwd)] + sys.path)
+    with pytest.raises(CliError, match="cannot import module 'evilhook_opq'.*--train-path"):
+        _training_hook("evilhook_opq:task")
+    assert "" not in sys.path and str(cwd) not in sys.path
+    # --train-path DIR: the user's own folder, on request
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "myhook_opq.py").write_text("def task(path):\n    return 5\n")
+    assert _training_hook("myhook_opq:task", str(hooks))("x") == 5
+    assert not marker.exists()
+
+
+def test_builtin_train_hook_gets_the_real_torch(tmp_path, good):
+    """The issue's case: a ./torch.py next to the user shadowed torch for a built-in hook
+    (a fresh process: ``python -c`` puts the current folder first on the path)."""
     pytest.importorskip("torch")
     cwd = tmp_path / "work"
     cwd.mkdir()
     marker = tmp_path / "SHADOW_RAN"
-    for mod in ("torch", "evilhook"):
-        (cwd / f"{mod}.py").write_text(f"open({str(marker)!r}, 'w').write('{mod}')\n"
-                                       "def task(path):\n    return {}\n")
-    ck = cwd / "ck.npz"
-    ck.write_bytes(good["npz"])
+    (cwd / "torch.py").write_text(f"open({str(marker)!r}, 'w').write('torch')\n")
+    (cwd / "ck.npz").write_bytes(good["npz"])
     env = dict(os.environ, PYTHONPATH=str(ROOT), NUMBA_DISABLE_JIT="1")
-    run = [sys.executable, "-c", "import sys; from opq_cli.main import main; "
-           "sys.exit(main(sys.argv[1:]))", "compress", "ck.npz", "-o", "o.opq",
-           "--method", "annc", "--rate", "20"]
-    r = subprocess.run(run + ["--train", "evilhook:task"], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2, r.stderr
-    assert "cannot import module 'evilhook'" in r.stderr and "--train-path" in r.stderr
-    # a built-in hook: torch must be the real one, not ./torch.py
-    r = subprocess.run(run + ["--train", "json:loads"], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", "import sys; from opq_cli.main import main; "
+                        "sys.exit(main(sys.argv[1:]))", "compress", "ck.npz", "-o", "o.opq",
+                        "--method", "annc", "--rate", "20", "--train", "json:loads"],
+                       cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert not marker.exists(), "a module of the current folder was imported"
-    # --train-path DIR: the user's own folder, on request
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "myhook.py").write_text("def task(path):\n    return 5\n")
-    r = subprocess.run(run + ["--train", "myhook:task", "--train-path", str(hooks)], cwd=cwd,
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "must return a dict" in r.stderr and "got int" in r.stderr, \
-        r.stderr
-    assert not marker.exists()
 
 
 # ---------------------------------------------------------------------------------------
