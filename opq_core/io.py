@@ -430,11 +430,10 @@ def _load_pt(path) -> dict:
     except ImportError:  # pragma: no cover
         raise ImportError("reading .pt/.pth files needs torch: pip install 'opq[torch]'") from None
     import pickle
-    kw = {}
-    if zipfile.is_zipfile(path):
-        kw["mmap"] = True  # storages map the file: nothing is allocated for declared sizes
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, **kw)
+        # no mmap=True: a file cut while it is read must be an error, not a bus error;
+        # torch reads each storage from its zip record (sized by the file)
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise _pickle_refusal(path, exc) from None
     except RuntimeError as exc:
@@ -449,10 +448,7 @@ def _load_pt(path) -> dict:
     out = {}
     for k, v in obj.items():
         if isinstance(v, torch.Tensor):
-            a = _pt_array(path, k, v)
-            if kw:  # a copy: the mapped file may change or vanish once read
-                a = np.array(a)
-            out[str(k)] = a
+            out[str(k)] = _pt_array(path, k, v)
     return out
 
 

@@ -643,6 +643,22 @@ def _payloads(marker):
     }
 
 
+def _pt_forged_shape():
+    """A checkpoint whose pickle declares 2**30 floats on a storage of 4."""
+    import torch
+    good = _torch_save({"w": torch.ones(4)})
+    zin = zipfile.ZipFile(io.BytesIO(good))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for zi in zin.infolist():
+            d = zin.read(zi)
+            if zi.filename.endswith("data.pkl"):
+                assert b"K\x04\x85" in d  # BININT1 4, TUPLE1: the size (4,)
+                d = d.replace(b"K\x04\x85", b"J\x00\x00\x00\x40\x85", 1)
+            z.writestr(zi, d)
+    return out.getvalue()
+
+
 def pt_cases():
     """Pickle payloads would create ``good["marker"]`` if they ran."""
     import pickle
@@ -653,6 +669,7 @@ def pt_cases():
             {"w": torch.ones(2), "x": _payloads(g["marker"])[name]})))
         cases.append((f"pt-raw-pickle-{name}", ".pt",
                       lambda g, name=name: pickle.dumps(_payloads(g["marker"])[name])))
+    cases.append(("pt-forged-huge-shape", ".pt", lambda g: _pt_forged_shape()))
     cases.append(("pt-truncate-half", ".pt", lambda g: g["pt"][:len(g["pt"]) // 2]))
     cases.append(("pt-truncate-end", ".pt", lambda g: g["pt"][:-30]))
     cases.append(("pt-garbage", ".pt", lambda g: b"\x80\x02garbage" * 20))
