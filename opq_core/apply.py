@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .stats import as_matrix
 
 __all__ = ["layer_mask", "layer_mask_from", "apply_layer", "compute_dtype"]
 

@@ -46,7 +46,6 @@ The entropy-coded streams depend on ``constriction``'s model quantization; the w
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import stat
 import tempfile
 import zipfile
@@ -38,6 +37,11 @@ _ST_HEADER_MAX = 100_000_000      # the safetensors library's own header limit
 
 FORMATS = {".npz": "npz", ".safetensors": "safetensors", ".pt": "pt", ".pth": "pt",
            ".bin": "pt", ".onnx": "onnx"}
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _format_of(path, argument="path") -> str:
@@ -329,7 +333,7 @@ def _npz_member(path, z, name):
                               "memory") from None
     except Exception as exc:
         raise WeightFileError(f"path: {str(path)!r}: tensor {name!r} cannot be read "
-                              f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") from None
+                              f"({_first_line(exc)})") from None
     if a.dtype.byteorder not in ("=", "|") and a.dtype.itemsize > 1:
         # big-endian (or non-native) data: converted once, here, to the native order
         a = a.astype(a.dtype.newbyteorder("="))
@@ -552,7 +556,7 @@ def _load_onnx(path) -> dict:
             out[init.name] = numpy_helper.to_array(init)
         except Exception as exc:
             raise _onnx_bad(path, f"tensor {init.name!r} cannot be read "
-                                  f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+                                  f"({_first_line(exc)})") from None
     return out
 
 

@@ -689,7 +689,6 @@ def pt_cases():
 
 def onnx_model_bytes(initializers, *, mutate=None):
     """A tiny ONNX graph whose initializers are ``initializers`` (name -> array)."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
     inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items()]
     if mutate:
@@ -753,7 +752,8 @@ def onnx_cases():
                                      inits[0].dims.append(1 << 20)))),
         ("onnx-negative-dims", ".onnx", lambda g: onnx_model_bytes(
             w, mutate=lambda inits: inits[0].dims.__setitem__(0, -4))),
-        ("onnx-string-tensor", ".onnx", lambda g: onnx_model_bytes({"w": np.array([b"ab"], dtype=object)})),
+        ("onnx-string-tensor", ".onnx",
+         lambda g: onnx_model_bytes({"w": np.array([b"ab"], dtype=object)})),
         ("onnx-unknown-type", ".onnx", lambda g: onnx_model_bytes(
             w, mutate=lambda inits: setattr(inits[0], "data_type", 999))),
     ]
