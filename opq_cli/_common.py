@@ -113,12 +113,13 @@ def _same_file(a, b) -> bool:
         return False
 
 
-def _check_paths(outputs, inputs):
+def _check_paths(outputs, inputs, *, folders=True):
     """Refuse, before anything is written, an output path that is one of the inputs or
     another output (by path, symlink or hard link), or whose folder does not exist.
 
     ``outputs`` and ``inputs``: sequences of ``(argument, path)``; ``None`` paths and
-    ``example:`` sources are skipped."""
+    ``example:`` sources are skipped; ``folders=False`` leaves the folder checks to the
+    callee."""
     outs = [(a, p) for a, p in outputs if p]
     ins = [(a, p) for a, p in inputs if p and not str(p).startswith("example:")]
     for i, (arg, out) in enumerate(outs):
@@ -131,6 +132,8 @@ def _check_paths(outputs, inputs):
                 raise CliError(f"{arg}: {out!r} is also the {arg2} output; choose two "
                                "different paths")
         folder = os.path.dirname(os.path.abspath(out))
+        if not folders:
+            continue
         if not os.path.isdir(folder):
             raise CliError(f"{arg}: folder {folder!r} does not exist")
         if os.path.isdir(out):
