@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import re
 import sys
@@ -171,15 +173,72 @@ class _Subset(Mapping):
 
 
 def _same_file(a, b) -> bool:
+    """Whether two paths name the same file: the same resolved path (symlinks followed),
+    or the same inode (hard links) when both exist."""
     try:
+        if os.path.realpath(a) == os.path.realpath(b):
+            return True
         return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
-    except OSError:  # pragma: no cover
+    except (OSError, ValueError):  # pragma: no cover - an unreadable path: not the same
         return False
 
 
+def _check_paths(outputs, inputs, *, folders=True):
+    """Refuse, before anything is written, an output path that is one of the inputs or
+    another output (by path, symlink or hard link), or whose folder does not exist.
+
+    ``outputs`` and ``inputs``: sequences of ``(argument, path)``; ``None`` paths and
+    ``example:`` sources are skipped; ``folders=False`` leaves the folder checks to the
+    callee."""
+    outs = [(a, p) for a, p in outputs if p]
+    ins = [(a, p) for a, p in inputs if p and not str(p).startswith("example:")]
+    for i, (arg, out) in enumerate(outs):
+        for iarg, src in ins:
+            if _same_file(out, src):
+                raise CliError(f"{arg}: {out!r} is the input {iarg} {src!r}; choose another "
+                               "output path (inputs are never overwritten)")
+        for arg2, out2 in outs[:i]:
+            if _same_file(out, out2):
+                raise CliError(f"{arg}: {out!r} is also the {arg2} output; choose two "
+                               "different paths")
+        folder = os.path.dirname(os.path.abspath(out))
+        if not folders:
+            continue
+        if not os.path.isdir(folder):
+            raise CliError(f"{arg}: folder {folder!r} does not exist")
+        if os.path.isdir(out):
+            raise CliError(f"{arg}: {out!r} is a directory")
+
+
 def _check_output(out, source, arg="-o/--output"):
-    if _same_file(out, source):
-        raise CliError(f"{arg}: {out!r} is the input file; choose another output path")
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise CliError(f"{arg}: folder {folder!r} does not exist")
+    _check_paths([(arg, out)], [("CHECKPOINT", source)])
+
+
+PLOT_FORMATS = (".png", ".pdf", ".svg")
+
+
+def _check_plot(path):
+    """``--plot FILE``: the format follows the extension (.png, .pdf, .svg)."""
+    if path is None:
+        return
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in PLOT_FORMATS:
+        raise CliError(f"--plot: {path!r} has extension {ext or '(none)'!r}; the chart is "
+                       f"written as {', '.join(PLOT_FORMATS)} by the extension")
+
+
+def _json_safe(obj):
+    """Non-finite floats as the strings "inf", "-inf", "nan" (strict JSON has no
+    Infinity; ``Plan.from_dict`` reads the strings back with ``float``)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _dumps(obj, **kw) -> str:
+    """Strict JSON (no NaN/Infinity tokens) of a result."""
+    return json.dumps(_json_safe(obj), allow_nan=False, **kw)

@@ -1,13 +1,12 @@
 """``opq compress``: plan and write a .opq file (or train under a budget with ANNC)."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Mapping
 
-from ._common import (CliError, _Subset, _check_output, _make_plan, _progress, _weights_from,
-                      source_metadata)
+from ._common import (CliError, _Subset, _check_paths, _check_plot, _dumps, _make_plan,
+                      _progress, _weights_from, source_metadata)
 
 
 def cmd_compress(args):
@@ -16,7 +15,9 @@ def cmd_compress(args):
         raise CliError(f"-o/--output: expected a .opq file name, got {args.output!r}")
     if args.layout not in LAYOUTS:  # pragma: no cover - argparse checks choices
         raise CliError(f"--layout: expected one of {LAYOUTS}, got {args.layout!r}")
-    _check_output(args.output, args.checkpoint)
+    _check_paths([("-o/--output", args.output), ("--plot", args.plot)],
+                 [("CHECKPOINT", args.checkpoint)])
+    _check_plot(args.plot)
     meta = {"source": os.path.basename(os.path.normpath(args.checkpoint))}
     if args.method == "annc":
         f, acc = _compress_annc(args, meta)
@@ -32,7 +33,7 @@ def cmd_compress(args):
                       progress=_progress(args))
         acc = None
     if args.json:
-        print(json.dumps(f.to_dict()))
+        print(_dumps(f.to_dict()))
     else:
         print(f.table())
         if acc is not None:
@@ -52,26 +53,34 @@ _ANNC_HOOK = ("ANNC trains the model, so it needs training data: pass --train MO
 
 
 def _check_no_annc_args(args):
-    for flag, dest in (("--train", "train"), ("--epochs-admm", "epochs_admm"),
+    for flag, dest in (("--train", "train"), ("--train-path", "train_path"),
+                       ("--epochs-admm", "epochs_admm"),
                        ("--epochs-finetune", "epochs_finetune"), ("--lr", "lr"),
                        ("--threads", "threads")):
         if getattr(args, dest, None) is not None:
             raise CliError(f"{flag}: only for --method annc (got --method {args.method})")
 
 
-def _training_hook(spec: str):
-    """Import ``MODULE:FUNCTION`` (the current folder is searched too)."""
+def _training_hook(spec: str, train_path=None):
+    """Import ``MODULE:FUNCTION`` as named: the current folder is not searched (a
+    ``torch.py`` lying there must not shadow torch); ``train_path`` (``--train-path
+    DIR``) is put first on the import path when the user's module lives there."""
     import importlib
     module, sep, func = spec.partition(":")
     if not sep or not module or not func:
         raise CliError(f"--train: expected MODULE:FUNCTION (e.g. opq_torch.demo:digits_task), "
                        f"got {spec!r}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _drop_cwd_from_path()
+    if train_path is not None:
+        if not os.path.isdir(train_path):
+            raise CliError(f"--train-path: {train_path!r} is not a folder")
+        sys.path.insert(0, os.path.abspath(train_path))
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:
-        raise CliError(f"--train: cannot import module {module!r} ({exc})") from None
+        hint = ("" if train_path is not None else
+                "; for a module in a local folder give --train-path DIR")
+        raise CliError(f"--train: cannot import module {module!r} ({exc}){hint}") from None
     fn = mod
     for part in func.split("."):
         fn = getattr(fn, part, None)
@@ -80,6 +89,17 @@ def _training_hook(spec: str):
     if not callable(fn):
         raise CliError(f"--train: {spec!r} is not callable")
     return fn
+
+
+def _drop_cwd_from_path():
+    """Remove the current folder ('' or its path, which ``python -m`` adds) from the
+    import path, unless opq itself was loaded from it."""
+    here = os.path.realpath(os.getcwd())
+    home = os.path.realpath(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if home == here:
+        return
+    sys.path[:] = [p for p in sys.path
+                   if not (p in ("", ".") or os.path.realpath(p) == here)]
 
 
 def _compress_annc(args, meta):
@@ -109,7 +129,7 @@ def _compress_annc(args, meta):
         raise CliError(f"--threads: expected an integer >= 1, got {args.threads}")
     if not os.path.exists(args.checkpoint):
         raise CliError(f"CHECKPOINT: no such file {args.checkpoint!r}")
-    hook = _training_hook(args.train)
+    hook = _training_hook(args.train, args.train_path)
     try:
         import torch
         from opq_torch.io import save

@@ -15,7 +15,7 @@ import zipfile
 
 import numpy as np
 
-from ._common import CliError, _check_output, _progress
+from ._common import CliError, _check_paths, _dumps, _progress
 
 _UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10,
           "MIB": 2 ** 20, "GIB": 2 ** 30}
@@ -55,7 +55,10 @@ def cmd_decompress(args):
         if fmt != "safetensors":
             raise CliError(f"--max-shard-size: only for .safetensors output, got {args.output!r}")
         shard = _size_arg(args.max_shard_size)
-    _check_output(args.output, args.file)
+    if args.template and fmt != "onnx":
+        raise CliError(f"--template: only for .onnx output (got -o {args.output!r})")
+    _check_paths([("-o/--output", args.output)],
+                 [("FILE.opq", args.file), ("--template", args.template)])
     progress = _progress(args)
     with OpqStream(args.file) as s:
         f = s.file
@@ -87,7 +90,7 @@ def cmd_decompress(args):
     if aliases and fmt != "pt":
         extra = f"; {len(aliases)} tied name(s) not repeated: {', '.join(sorted(aliases))}"
     if args.json:
-        print(json.dumps({"output": args.output, "files": written, "tensors": len(names),
+        print(_dumps({"output": args.output, "files": written, "tensors": len(names),
                           "compressed_layers": n_layers,
                           "bfloat16": sorted(n for n in names if out_dtype(n) == "bfloat16")}))
     else:

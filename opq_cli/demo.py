@@ -1,9 +1,8 @@
 """``opq demo``: train, compress and reload a small CNN."""
 from __future__ import annotations
 
-import json
 
-from ._common import CliError, _progress
+from ._common import CliError, _check_paths, _dumps, _progress
 
 
 def cmd_demo(args):
@@ -24,6 +23,8 @@ def cmd_demo(args):
         raise CliError(f"--rate: expected a paper_rate > 1, got {args.rate:g}")
     if args.method == "opq" and args.rate is not None and args.sparsity is not None:
         raise CliError("--sparsity: give --sparsity or --rate, not both")
+    _check_paths([("-o/--output", args.output), ("--save-dense", args.save_dense)], [],
+                 folders=False)  # run_demo checks the folders and extensions itself
     res = run_demo(method=args.method, epochs=args.epochs,
                    finetune_epochs=args.finetune_epochs, admm_epochs=args.admm_epochs,
                    sparsity=args.sparsity, bits=args.bits, rate=args.rate, layout=args.layout,
@@ -31,5 +32,5 @@ def cmd_demo(args):
                    seed=args.seed, progress=not args.json and _progress(args),
                    verbose=not args.json)
     if args.json:
-        print(json.dumps(res))
+        print(_dumps(res))
     return 0

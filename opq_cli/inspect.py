@@ -1,9 +1,10 @@
 """``opq inspect``: sizes and rates of a .opq file."""
 from __future__ import annotations
 
+
 import json
 
-from ._common import _progress
+from ._common import _check_paths, _check_plot, _dumps, _progress
 
 _BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -28,6 +29,8 @@ def input_rates(f) -> dict:
 
 def cmd_inspect(args):
     from opq_core.format import OpqStream, read_opq
+    _check_paths([("--plot", args.plot)], [("FILE.opq", args.file)])
+    _check_plot(args.plot)
     if args.verify:  # decode every layer, one at a time (memory: one layer)
         with OpqStream(args.file) as s:
             f = s.file
@@ -46,7 +49,7 @@ def cmd_inspect(args):
         d["verified"] = bool(args.verify)
         d.update(rates)
         d["exports"] = _exports(f)
-        print(json.dumps(d))
+        print(_dumps(d))
     else:
         print(f.table())
         r = rates["storage_rate_vs_input"]

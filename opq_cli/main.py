@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from ._common import CliError, _add_plan_args
@@ -55,8 +56,9 @@ Examples:
   opq compress digits_cnn.pt -o annc.opq --method annc --rate 50 \\
       --train opq_torch.demo:digits_task
 
---train MODULE:FUNCTION is imported (the current folder is searched too) and
-called as FUNCTION(CHECKPOINT); it returns a dict with 'model' (an nn.Module
+--train MODULE:FUNCTION is imported as named (the current folder is not searched;
+give --train-path DIR for a module in a local folder) and called as
+FUNCTION(CHECKPOINT); it returns a dict with 'model' (an nn.Module
 holding the checkpoint's weights), 'train_loader' and optionally 'eval_loader'
 (evaluated after every epoch and at the end).
 """
@@ -79,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("-o", "--output", help="also write the plan as JSON to this file")
-    p.add_argument("--plot", metavar="FILE.png", help="per-layer chart (needs matplotlib)")
+    p.add_argument("--plot", metavar="FILE.png", help="per-layer chart, .png, .pdf or .svg by "
+                                                      "the extension (needs matplotlib)")
     p.set_defaults(func=cmd_plan)
 
     c = sub.add_parser("compress", help="prune + quantize a checkpoint into a .opq file",
@@ -101,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--train", metavar="MODULE:FUNCTION",
                    help="training-data hook, called as FUNCTION(CHECKPOINT) -> dict(model=, "
                         "train_loader=, eval_loader=)")
+    a.add_argument("--train-path", metavar="DIR",
+                   help="folder put first on the import path for --train (default: none; "
+                        "the current folder is not searched)")
     a.add_argument("--epochs-admm", type=int, default=None, metavar="N",
                    help="ADMM epochs (default 5)")
     a.add_argument("--epochs-finetune", type=int, default=None, metavar="M",
@@ -110,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads while training (default: torch's own; 1 is often "
                         "fastest for small models on a busy machine)")
     c.add_argument("--json", action="store_true", help="print the file's accounting as JSON")
-    c.add_argument("--plot", metavar="FILE.png", help="per-layer chart (needs matplotlib)")
+    c.add_argument("--plot", metavar="FILE.png", help="per-layer chart, .png, .pdf or .svg by "
+                                                      "the extension (needs matplotlib)")
     c.set_defaults(func=cmd_compress)
 
     i = sub.add_parser("inspect", help="sizes and rates of a .opq file",
@@ -120,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file", metavar="FILE.opq")
     i.add_argument("--json", action="store_true", help="print as JSON (with the plan)")
     i.add_argument("--verify", action="store_true", help="also decode every layer")
-    i.add_argument("--plot", metavar="FILE.png", help="per-layer chart (needs matplotlib)")
+    i.add_argument("--plot", metavar="FILE.png", help="per-layer chart, .png, .pdf or .svg by "
+                                                      "the extension (needs matplotlib)")
     i.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     i.set_defaults(func=cmd_inspect)
 
@@ -189,21 +197,51 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every temporary file is removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None) -> int:
+    """Run ``opq``; user errors print one line and return 2, Ctrl-C returns 130, SIGTERM
+    143 (temporary files removed in both cases)."""
     ap = build_parser()
     args = ap.parse_args(argv)
     if not getattr(args, "func", None):
         ap.print_help()
         return 2
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # pragma: no cover - not the main thread
+        pass
     try:
         return int(args.func(args) or 0)
     except CliError as exc:
         print(f"opq {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError, OSError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except KeyboardInterrupt:
+        print(f"opq {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print(f"opq {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except MemoryError:
+        print(f"opq {args.command}: error: out of memory", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, FileNotFoundError, KeyError, IndexError, ImportError,
+            OSError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, KeyError) and exc.args:
+            msg = f"{type(exc).__name__}: {exc.args[0]!r}"
         print(f"opq {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,18 +1,26 @@
 """``opq plan``: compute and print a compression plan."""
 from __future__ import annotations
 
-from ._common import _make_plan, _weights_from
+from ._common import _check_paths, _check_plot, _dumps, _make_plan, _weights_from
+
+
+def plan_json(p, **kw) -> str:
+    """The plan as strict JSON (what ``opq plan --json`` prints and ``-o`` writes)."""
+    return _dumps(p.to_dict(), **kw)
 
 
 def cmd_plan(args):
+    _check_paths([("-o/--output", args.output), ("--plot", args.plot)],
+                 [("CHECKPOINT", args.checkpoint)])
+    _check_plot(args.plot)
     weights = _weights_from(args.checkpoint)
     p = _make_plan(args, weights)
     if args.output:
         from opq_core.io import atomic_write
-        data = p.to_json(indent=1).encode()
+        data = plan_json(p, indent=1).encode()
         atomic_write(args.output, lambda f: f.write(data))
     if args.json:
-        print(p.to_json())
+        print(plan_json(p))
     else:
         print(p.table())
     if args.plot:

@@ -25,7 +25,6 @@ weight depends on ``t`` and is integrated over the tail ``u > t``.
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 from scipy import optimize

@@ -46,11 +46,9 @@ The entropy-coded streams depend on ``constriction``'s model quantization; the w
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
-import mmap
 import os
 import struct
 import zlib
@@ -63,7 +61,8 @@ import numpy as np
 from .apply import compute_dtype
 
 __all__ = ["FORMAT_VERSION", "LAYOUTS", "write_opq", "read_opq", "OpqStream", "compress_weights",
-           "layer_codes", "decode_layer", "CompressedFile", "LayerRecord", "OpqFormatError"]
+           "layer_codes", "decode_layer", "CompressedFile", "LayerRecord", "OpqFormatError",
+           "MAX_WEIGHTS_PER_BYTE"]
 
 #: Version of the container written by this opq; readers refuse newer files.
 FORMAT_VERSION = 1
@@ -728,6 +727,12 @@ def write_opq(path, plan, weights: Mapping | None = None, *, codes: Mapping | No
     hjson = json.dumps(header, separators=(",", ":")).encode()
     hjson += b" " * (-(8 + len(hjson)) % 8)
     sha_at = hjson.index(b'"sha256":"' + _SHA_ZERO.encode() + b'"') + len(b'"sha256":"')
+    declared = plan.n + sum(math.prod(e[2]) for e in others)
+    if declared > MAX_WEIGHTS_PER_BYTE * (8 + len(hjson) + off):
+        raise ValueError(f"path: {str(path)!r} would hold {declared} weights in "
+                         f"{8 + len(hjson) + off} bytes, more than the {MAX_WEIGHTS_PER_BYTE} "
+                         "per byte a .opq reader accepts (a model of mostly pruned layers: "
+                         "exclude the empty ones)")
     prefix = struct.pack("<Q", len(hjson))
 
     def write(f):
@@ -807,22 +812,75 @@ def _records(plan, infos, header, file_bytes, other_bytes, desc) -> tuple:
 # reading
 # ---------------------------------------------------------------------------------------
 
-def _parse(path):
-    """(mmap, header dict, data start, raw header bytes); checks framing and checksum."""
+#: A ``.opq`` file may declare at most this many weights per byte of file (compressed
+#: layers and other tensors together). It is a storage_rate of 4096x, far beyond what any
+#: real model compresses to; it bounds what a forged but consistent file can make a
+#: reader allocate (decoding holds about 16 bytes per declared weight at most, so
+#: ``read_opq`` never asks for more than ``16 * MAX_WEIGHTS_PER_BYTE`` bytes per byte of
+#: file). :func:`write_opq` refuses to write a file over the limit.
+MAX_WEIGHTS_PER_BYTE = 1024
+#: The zlib-compressed description may expand at most this much (plus 64 KiB); a real
+#: one expands 3-10x.
+_DESC_MAX_RATIO = 64
+_LAYER_DTYPES = ("float16", "float32", "float64")
+_SCALE_DTYPES = ("float16", "float32", "float64")
+_GRIDS = ("offset", "symmetric", "codebook")
+_MASK_CODINGS = {"entropy": ("none", "entropy"), "packed": ("none", "bitmask", "gap")}
+_CODE_CODINGS = {"entropy": ("none", "entropy"), "packed": ("none", "packed")}
+
+
+def _where(path, layer=None, field=None) -> str:
+    w = f"{str(path)!r}"
+    if layer is not None:
+        w += f": layer {layer!r}"
+    if field is not None:
+        w += f": field {field!r}"
+    return w
+
+
+def _bad(path, what, layer=None, field=None) -> OpqFormatError:
+    return OpqFormatError(f"{_where(path, layer, field)}: {what}")
+
+
+class _FileBytes:
+    """Byte ranges of an open file by ``pread`` (no memory map: a file cut while it is
+    read is an error, not a bus error)."""
+
+    def __init__(self, f, size, path):
+        self._fd = f.fileno()
+        self.size = size
+        self._path = path
+
+    def __getitem__(self, sl):
+        a, b = sl.start or 0, sl.stop if sl.stop is not None else self.size
+        b = min(b, self.size)
+        if b <= a:
+            return b""
+        out = os.pread(self._fd, b - a, a)
+        if len(out) != b - a:
+            raise OpqFormatError(f"{str(self._path)!r} is truncated: it changed while it was "
+                                 f"read (got {a + len(out)} of {b} bytes)")
+        return out
+
+
+def _parse(path, f):
+    """(file bytes, header dict, data start, version); checks framing and checksum."""
+    from .io import WeightFileError, _safetensors_header, check_input_file
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"path: no such file {str(path)!r}")
-    size = path.stat().st_size
+    try:
+        check_input_file(path)
+    except WeightFileError as exc:
+        raise OpqFormatError(str(exc)) from None
+    size = os.fstat(f.fileno()).st_size
     where = f"{str(path)!r}"
     if size < 8:
         raise OpqFormatError(f"{where} is not a .opq file (only {size} bytes; truncated?)")
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    hlen = struct.unpack("<Q", mm[:8])[0]
+    fb = _FileBytes(f, size, path)
+    hlen = struct.unpack("<Q", fb[0:8])[0]
     if hlen > size - 8:
         raise OpqFormatError(f"{where} is truncated or not a .opq file (header of {hlen} bytes, "
                              f"file of {size})")
-    raw = bytes(mm[8:8 + hlen])
+    raw = fb[8:8 + hlen]
     try:
         header = json.loads(raw)
         meta = header.get("__metadata__") or {}
@@ -831,42 +889,274 @@ def _parse(path):
     if not isinstance(meta, dict) or meta.get("format") != "opq":
         raise OpqFormatError(f"{where} is not a .opq file (a safetensors file without opq "
                              "metadata?)")
-    try:
-        version = int(meta.get("version", "0"))
-    except ValueError:
-        raise OpqFormatError(f"{where}: unreadable format version {meta.get('version')!r}") from None
+    v = meta.get("version", "0")
+    if not isinstance(v, str) or not v.isdigit() or len(v) > 6:
+        raise _bad(path, f"unreadable format version {v!r}", field="version")
+    version = int(v)
     if version > FORMAT_VERSION:
         raise OpqFormatError(f"{where} has format version {version}, newer than this opq "
                              f"reads ({FORMAT_VERSION}); upgrade opq")
     if version < 1:
         raise OpqFormatError(f"{where} has an unknown format version {version}")
-    end = 0
+    if meta.get("layout") not in LAYOUTS:
+        raise _bad(path, f"unknown layout {meta.get('layout')!r} (expected one of {LAYOUTS})",
+                   field="layout")
+    # every entry: dtype, shape, offsets inside the file, tiling the payload exactly
+    try:
+        header = _safetensors_header(path)
+    except WeightFileError as exc:
+        text = str(exc)
+        detail = text.split(": ", 2)[-1] if text.count(": ") >= 2 else text
+        kind = "truncated" if "truncated" in text else "corrupt"
+        raise OpqFormatError(f"{where} is {kind}: {detail}") from None
+    if os.fstat(f.fileno()).st_size != size:
+        raise OpqFormatError(f"{where} is truncated: it changed while it was read")
     for key, e in header.items():
         if key != "__metadata__":
-            end = max(end, int(e["data_offsets"][1]))
-    if 8 + hlen + end > size:
-        raise OpqFormatError(f"{where} is truncated: {size} bytes, its header needs "
-                             f"{8 + hlen + end}")
-    if 8 + hlen + end < size:
-        raise OpqFormatError(f"{where} is corrupt: {size - 8 - hlen - end} bytes after the "
-                             "last tensor")
-    sha = str(meta.get("sha256", ""))
+            e.pop("_start", None)
+    sha = meta.get("sha256", "")
+    sha = sha if isinstance(sha, str) else ""
     pat = b'"sha256":"' + sha.encode() + b'"'
     at = raw.find(pat)
     if len(sha) != 64 or at < 0:
         raise OpqFormatError(f"{where} is corrupt (no checksum in the header)")
     zeroed = raw[:at] + b'"sha256":"' + _SHA_ZERO.encode() + b'"' + raw[at + len(pat):]
     h = hashlib.sha256()
-    h.update(mm[:8])
+    h.update(fb[0:8])
     h.update(zeroed)
     pos = 8 + hlen
     while pos < size:
-        h.update(mm[pos:min(size, pos + _CHUNK)])
+        h.update(fb[pos:min(size, pos + _CHUNK)])
         pos += _CHUNK
     if h.hexdigest() != sha:
         raise OpqFormatError(f"{where} is corrupt: checksum mismatch (the file was changed or "
                              "damaged after it was written)")
-    return mm, header, 8 + hlen, version
+    return fb, header, 8 + hlen, version, meta["layout"]
+
+
+def _entry_bytes(path, fb, header, start, key, layer=None):
+    e = header.get(key)
+    if e is None:
+        raise _bad(path, f"tensor {key!r} is missing", layer=layer)
+    if e["dtype"] != "U8" or len(e["shape"]) != 1:
+        raise _bad(path, f"tensor {key!r} must be a 1-d U8 blob, got {e['dtype']} "
+                         f"{e['shape']}", layer=layer)
+    a, b = e["data_offsets"]
+    return fb[start + a:start + b]
+
+
+def _description(path, data: bytes) -> dict:
+    """The zlib-compressed JSON description, decompressed with a size limit."""
+    limit = 65536 + _DESC_MAX_RATIO * len(data)
+    d = zlib.decompressobj()
+    try:
+        text = d.decompress(data, limit)
+    except zlib.error as exc:
+        raise _bad(path, f"unreadable description ({exc})", field=_HEADER_TENSOR) from None
+    if d.unconsumed_tail or not d.eof:
+        if not d.eof and not d.unconsumed_tail:
+            raise _bad(path, "the description is truncated", field=_HEADER_TENSOR)
+        raise _bad(path, f"the description expands past {limit} bytes ({_DESC_MAX_RATIO}x its "
+                         f"{len(data)} stored bytes + 64 KiB): a zlib bomb?",
+                   field=_HEADER_TENSOR)
+    if d.unused_data:
+        raise _bad(path, "bytes after the compressed description", field=_HEADER_TENSOR)
+    try:
+        desc = json.loads(text)
+    except (ValueError, RecursionError):
+        raise _bad(path, "unreadable description JSON", field=_HEADER_TENSOR) from None
+    if not isinstance(desc, dict):
+        raise _bad(path, "the description is not a JSON object", field=_HEADER_TENSOR)
+    return desc
+
+
+def _real(path, d, key, layer=None, *, finite=True, lo=None, hi=None, allow_none=False,
+          allow=()):
+    v = d.get(key) if isinstance(d, dict) else None
+    if v is None and allow_none and isinstance(d, dict) and key in d:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _bad(path, f"expected a number, got {v!r}", layer, key)
+    v = float(v)
+    if v in allow:
+        return v
+    if math.isnan(v) or (finite and not math.isfinite(v)):
+        raise _bad(path, f"expected a finite number, got {v!r}", layer, key)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise _bad(path, f"{v!r} is outside [{lo}, {hi}]", layer, key)
+    return v
+
+
+def _int(path, d, key, layer=None, *, lo=None, hi=None):
+    v = d.get(key) if isinstance(d, dict) else None
+    if type(v) is not int:
+        raise _bad(path, f"expected an integer, got {v!r}", layer, key)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise _bad(path, f"{v} is outside [{lo}, {hi}]", layer, key)
+    return v
+
+
+def _choice(path, d, key, choices, layer=None):
+    v = d.get(key) if isinstance(d, dict) else None
+    if not isinstance(v, str) or v not in choices:
+        raise _bad(path, f"expected one of {tuple(choices)}, got {v!r}", layer, key)
+    return v
+
+
+def _check_description(path, fb, header, start, desc, version, layout, size):
+    """Every field of the description checked; returns (plan dict with the binary
+    channel scales and codebooks filled in, per-layer coding infos, other names)."""
+    v = desc.get("version")
+    if type(v) is not int or v != version:
+        raise _bad(path, f"description version {v!r} does not match the container's "
+                         f"{version}", field="version")
+    if desc.get("layout") != layout:
+        raise _bad(path, f"description layout {desc.get('layout')!r} does not match the "
+                         f"container's {layout!r}", field="layout")
+    plan_d, infos, other = desc.get("plan"), desc.get("layers"), desc.get("other")
+    if not isinstance(plan_d, dict) or not isinstance(plan_d.get("layers"), list):
+        raise _bad(path, "the plan is missing or malformed", field="plan")
+    if not isinstance(infos, list) or len(infos) != len(plan_d["layers"]):
+        raise _bad(path, f"{len(infos) if isinstance(infos, list) else infos!r} layer "
+                         f"codings for {len(plan_d['layers'])} planned layers", field="layers")
+    if not isinstance(other, list) or not all(isinstance(x, str) for x in other):
+        raise _bad(path, "expected a list of tensor names", field="other")
+    meta = desc.get("metadata", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(x, str)
+                                             for k, x in meta.items()):
+        raise _bad(path, "expected a mapping str -> str", field="metadata")
+    for key in ("method", "channelwise", "grid", "error_model", "message"):
+        if not isinstance(plan_d.get(key), str):
+            raise _bad(path, f"expected a string, got {plan_d.get(key)!r}", field=f"plan.{key}")
+    if type(plan_d.get("version")) is not int or not 1 <= plan_d["version"] <= FORMAT_VERSION:
+        raise _bad(path, f"unknown plan version {plan_d.get('version')!r}",
+                   field="plan.version")
+    _real(path, plan_d, "lam", allow=(-math.inf,))
+    if not isinstance(plan_d.get("skipped", []), list):
+        raise _bad(path, "expected a list", field="plan.skipped")
+    seen = set()
+    declared = 0
+    plan_d = dict(plan_d)
+    layers_out = []
+    for ld, info in zip(plan_d["layers"], infos):
+        if not isinstance(ld, dict) or not isinstance(ld.get("name"), str):
+            raise _bad(path, "a layer without a name", field="plan.layers")
+        name = ld["name"]
+        if name in seen:
+            raise _bad(path, "the layer appears twice", layer=name)
+        seen.add(name)
+        if name in other or name == _HEADER_TENSOR:
+            raise _bad(path, "the layer is also an uncompressed tensor", layer=name)
+        layers_out.append(_check_layer(path, fb, header, start, dict(ld), info, layout))
+        declared += layers_out[-1]["_n"]
+    if len(set(other)) != len(other):
+        dup = next(x for x in other if other.count(x) > 1)
+        raise _bad(path, f"tensor {dup!r} is listed twice", field="other")
+    for name in other:
+        e = header.get(name)
+        if e is None:
+            raise _bad(path, f"tensor {name!r} is missing", field="other")
+        if e["dtype"] not in _NP_DTYPES:
+            raise _bad(path, f"tensor {name!r} has dtype {e['dtype']!r}, which a .opq file "
+                             "does not store", field="other")
+        declared += math.prod(e["shape"])
+    expected = {_HEADER_TENSOR, *(_PREFIX + n for n in seen), *other}
+    extra = sorted(k for k in header if k != "__metadata__" and k not in expected)
+    if extra:
+        raise _bad(path, f"tensor {extra[0]!r} is in the container but not in the description "
+                         "(a dropped layer?)", field="layers")
+    if declared > MAX_WEIGHTS_PER_BYTE * size:
+        raise _bad(path, f"declares {declared} weights in {size} bytes, more than "
+                         f"{MAX_WEIGHTS_PER_BYTE} per byte (a forged header?)", field="shape")
+    for ld in layers_out:
+        del ld["_n"]
+    plan_d["layers"] = layers_out
+    return plan_d, infos, other
+
+
+def _check_layer(path, fb, header, start, ld, info, layout):
+    name = ld["name"]
+    shape = ld.get("shape")
+    if (not isinstance(shape, list) or not shape
+            or not all(type(x) is int and x >= 1 for x in shape)):
+        raise _bad(path, f"expected a list of integers >= 1, got {shape!r}", name, "shape")
+    n = math.prod(shape)
+    _choice(path, ld, "dtype", _LAYER_DTYPES, name)
+    bits = _int(path, ld, "bits", name, lo=1, hi=8)
+    grid = _choice(path, ld, "grid", _GRIDS, name)
+    kept = _int(path, ld, "kept", name, lo=0, hi=n)
+    step = _real(path, ld, "step", name, lo=0.0, hi=1e30)
+    if grid != "codebook" and not step > 0:
+        raise _bad(path, f"expected a step > 0, got {step!r}", name, "step")
+    score_q = _real(path, ld, "score_q", name, lo=0.0)
+    lam = _real(path, ld, "lam", name, allow=(-math.inf,))
+    for key in ("quant_error", "predicted_sparsity", "pruning_error", "predicted_error"):
+        _real(path, ld, key, name, finite=False, allow=(math.inf,))
+    scale_dt = _choice(path, ld, "scale_dtype", _SCALE_DTYPES, name)
+    if not isinstance(info, dict):
+        raise _bad(path, "expected a mapping", name, "layers")
+    mc = _choice(path, info, "mask", _MASK_CODINGS[layout], name)
+    cc = _choice(path, info, "codes", _CODE_CODINGS[layout], name)
+    sdt = _choice(path, info, "scale_dtype", _SCALE_DTYPES, name)
+    parts = info.get("parts")
+    if (not isinstance(parts, list) or len(parts) != len(_PARTS)
+            or not all(type(x) is int and x >= 0 for x in parts)):
+        raise _bad(path, f"expected {len(_PARTS)} byte counts >= 0, got {parts!r}", name,
+                   "parts")
+    if (mc == "none") != (kept in (0, n)):
+        raise _bad(path, f"mask coding {mc!r} with {kept} of {n} weights kept", name, "mask")
+    if (cc == "none") != (kept == 0):
+        raise _bad(path, f"code coding {cc!r} with {kept} weights kept", name, "codes")
+    blob = _entry_bytes(path, fb, header, start, _PREFIX + name, layer=name)
+    if sum(parts) != len(blob):
+        raise _bad(path, f"parts of {sum(parts)} bytes, the blob has {len(blob)}", name,
+                   "parts")
+    channels = shape[0]
+    isz = np.dtype(sdt).itemsize
+    if parts[0] != channels * isz:
+        raise _bad(path, f"{parts[0]} scale bytes for {channels} channels of {sdt}", name,
+                   "parts")
+    scale = np.frombuffer(blob[:parts[0]], dtype=np.dtype(sdt).newbyteorder("<")
+                          ).astype(np.float64)
+    if not np.all(np.isfinite(scale)) or np.any(scale < 0):
+        raise _bad(path, "channel scales must be finite and >= 0", name, "scale")
+    ld["channel_scale"] = scale
+    ld["scale_dtype"] = scale_dt
+    fmax = float(np.finfo(np.dtype(ld["dtype"])).max)
+    if grid == "codebook":
+        cb_n = parts[1] // 4
+        if parts[1] % 4 or not 1 <= cb_n <= (1 << bits):
+            raise _bad(path, f"{parts[1]} codebook bytes for at most {1 << bits} float32 "
+                             "centroids", name, "codebook")
+        cb = np.frombuffer(blob[parts[0]:parts[0] + parts[1]], dtype="<f4").astype(np.float64)
+        if not np.all(np.isfinite(cb)) or np.any(np.abs(cb) > fmax):
+            raise _bad(path, f"centroids must be finite numbers within {ld['dtype']}", name,
+                       "codebook")
+        ld["codebook"] = cb
+    else:
+        if parts[1]:
+            raise _bad(path, f"{parts[1]} codebook bytes on a {grid!r} grid", name, "parts")
+        ld["codebook"] = None
+        if kept:
+            from .allocate import channel_thresholds
+            ks = np.where(scale > 0, scale, 1.0)
+            with np.errstate(over="ignore", invalid="ignore"):
+                top = channel_thresholds(lam, score_q, scale) + ks * step * float(1 << bits)
+            if not np.all(np.isfinite(top)) or float(np.max(top)) > fmax / 4:
+                raise _bad(path, f"a step of {step!r} (with lam {lam!r}) puts the kept weights "
+                                 f"beyond the range of {ld['dtype']}", name, "step")
+    if mc == "bitmask" and parts[3] != (n + 7) // 8:
+        raise _bad(path, f"a bitmask of {n} weights needs {(n + 7) // 8} bytes, not "
+                         f"{parts[3]}", name, "parts")
+    if mc == "none" and parts[3]:
+        raise _bad(path, f"{parts[3]} mask bytes but no mask coding", name, "parts")
+    if cc != "entropy" and parts[2]:
+        raise _bad(path, f"{parts[2]} symbol-model bytes without entropy-coded codes", name,
+                   "parts")
+    if cc == "none" and parts[4]:
+        raise _bad(path, f"{parts[4]} code bytes but no codes", name, "parts")
+    ld["_n"] = n
+    return ld
 
 
 def read_opq(path, *, decode: bool = True, progress: bool = False) -> CompressedFile:
@@ -898,73 +1188,81 @@ def read_opq(path, *, decode: bool = True, progress: bool = False) -> Compressed
     True
     """
     from .allocate import Plan
-    mm, header, start, version = _parse(path)
+    from .io import WeightFileError, check_input_file
     try:
-        def tensor_bytes(key):
-            e = header.get(key)
-            if e is None:
-                raise OpqFormatError(f"{str(path)!r} is corrupt: tensor {key!r} is missing")
-            a, b = (int(x) for x in e["data_offsets"])
-            return mm[start + a:start + b]
-
-        try:
-            desc = json.loads(zlib.decompress(bytes(tensor_bytes(_HEADER_TENSOR))))
-            plan_d = copy.deepcopy(desc["plan"])
-            infos = desc["layers"]
-            layout = desc["layout"]
-            for ld, info in zip(plan_d["layers"], infos):
-                blob = tensor_bytes(_PREFIX + ld["name"])
-                sizes = info["parts"]
-                if sum(sizes) != len(blob):
-                    raise OpqFormatError(f"{str(path)!r} is corrupt: layer {ld['name']!r}")
-                ld["channel_scale"] = np.frombuffer(
-                    bytes(blob[:sizes[0]]),
-                    dtype=np.dtype(info["scale_dtype"]).newbyteorder("<")).astype(np.float64)
-                if ld.get("grid") == "codebook":
-                    ld["codebook"] = np.frombuffer(bytes(blob[sizes[0]:sizes[0] + sizes[1]]),
-                                                   dtype="<f4").astype(np.float64)
-            plan = Plan.from_dict(plan_d)
-        except OpqFormatError:
-            raise
-        except Exception as exc:
-            raise OpqFormatError(f"{str(path)!r} is corrupt: unreadable description "
-                                 f"({type(exc).__name__}: {exc})") from None
-        weights, masks, other = {}, {}, {}
-        if decode:
-            for lp, info in _bar(list(zip(plan.layers, infos)), progress, "decode"):
-                mask, codes = _decode_layer_blob(lp, tensor_bytes(_PREFIX + lp.name), info)
-                masks[lp.name] = mask
-                weights[lp.name] = decode_layer(lp, codes)
-            for name in desc["other"]:
+        check_input_file(path)  # before open(): opening a FIFO would block
+    except WeightFileError as exc:
+        raise OpqFormatError(str(exc)) from None
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"path: no such file {str(path)!r}") from None
+    except IsADirectoryError:
+        raise OpqFormatError(f"path: {str(path)!r} is a directory, not a file") from None
+    except PermissionError as exc:
+        raise OpqFormatError(f"path: cannot read {str(path)!r} ({exc.strerror})") from None
+    layer = None
+    try:
+        with f:
+            fb, header, start, version, layout = _parse(path, f)
+            desc = _description(path, _entry_bytes(path, fb, header, start, _HEADER_TENSOR))
+            plan_d, infos, other_names = _check_description(path, fb, header, start, desc,
+                                                            version, layout, fb.size)
+            try:
+                plan = Plan.from_dict(plan_d)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise _bad(path, f"malformed plan ({type(exc).__name__}: {exc})",
+                           field="plan") from None
+            weights, masks, other = {}, {}, {}
+            if decode:
+                for lp, info in _bar(list(zip(plan.layers, infos)), progress, "decode"):
+                    layer = lp.name
+                    blob = _entry_bytes(path, fb, header, start, _PREFIX + lp.name, lp.name)
+                    try:
+                        mask, codes = _decode_layer_blob(lp, blob, info)
+                        del blob
+                        masks[lp.name] = mask
+                        weights[lp.name] = decode_layer(lp, codes)
+                        del codes
+                    except (OpqFormatError, ValueError) as exc:
+                        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                        if text.startswith(f"layer {lp.name!r}: "):
+                            text = text[len(f"layer {lp.name!r}: "):]
+                        raise _bad(path, text, layer=lp.name) from None
+                layer = None
+                for name in other_names:
+                    e = header[name]
+                    dt = np.dtype(_NP_DTYPES[e["dtype"]])
+                    a, b = e["data_offsets"]
+                    le = dt.newbyteorder("<") if dt.itemsize > 1 else dt
+                    arr = np.frombuffer(fb[start + a:start + b], dtype=le).astype(dt)
+                    other[name] = arr.reshape(tuple(e["shape"]))
+                    del arr
+            size = fb.size
+            other_bytes = 0
+            for name in other_names:
                 e = header[name]
-                dt = np.dtype(_NP_DTYPES[e["dtype"]])
-                a, b = (int(x) for x in e["data_offsets"])
-                le = dt.newbyteorder("<") if dt.itemsize > 1 else dt
-                if (b - a) != int(np.prod(e["shape"])) * dt.itemsize:
-                    raise OpqFormatError(f"{str(path)!r} is corrupt: tensor {name!r}")
-                arr = np.frombuffer(mm, dtype=le, count=(b - a) // dt.itemsize,
-                                    offset=start + a).astype(dt)
-                other[name] = arr.reshape(e["shape"])
-                del arr
-        size = os.path.getsize(path)
-        other_bytes = 0
-        for name in desc["other"]:
-            e = header[name]
-            other_bytes += int(e["data_offsets"][1]) - int(e["data_offsets"][0])
-            other_bytes += len(json.dumps({name: e}, separators=(",", ":"))) - 1
-        records = _records(plan, infos, header, size, other_bytes, desc)
-        return CompressedFile(path=str(path), version=version, layout=layout, plan=plan,
-                              weights=weights, masks=masks, other=other, layers=records,
-                              file_bytes=size, other_bytes=other_bytes,
-                              metadata=dict(desc.get("metadata") or {}),
-                              other_names=tuple(desc["other"]))
-    finally:
-        mm.close()
+                other_bytes += int(e["data_offsets"][1]) - int(e["data_offsets"][0])
+                other_bytes += len(json.dumps({name: {k: e[k] for k in e if k != "_start"}},
+                                              separators=(",", ":"))) - 1
+            records = _records(plan, infos, header, size, other_bytes, desc)
+    except (OpqFormatError, FileNotFoundError, MemoryError):
+        raise
+    except Exception as exc:  # a bug or an unforeseen malformation: never a bare error
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        raise _bad(path, f"corrupt or unreadable ({type(exc).__name__}: {msg})",
+                   layer=layer) from None
+    return CompressedFile(path=str(path), version=version, layout=layout, plan=plan,
+                          weights=weights, masks=masks, other=other, layers=records,
+                          file_bytes=size, other_bytes=other_bytes,
+                          metadata=dict(desc.get("metadata") or {}),
+                          other_names=tuple(other_names))
 
 
 class OpqStream:
     """A ``.opq`` file decoded one tensor at a time (memory: one tensor), for writers that
-    stream (``opq decompress``). The file is checked as :func:`read_opq` checks it.
+    stream (``opq decompress``, ``opq inspect --verify``). The file is checked as
+    :func:`read_opq` checks it, and every tensor as it is decoded.
 
     >>> import numpy as np, tempfile, os, opq_core
     >>> w = {"fc": np.random.default_rng(0).laplace(size=(8, 16)).astype(np.float32)}
@@ -979,17 +1277,18 @@ class OpqStream:
     def __init__(self, path):
         self.file = read_opq(path, decode=False)
         self.plan = self.file.plan
-        self._path = str(path)
-        self._mm, self._header, self._start, _ = _parse(path)
-        desc = json.loads(zlib.decompress(bytes(self._bytes(_HEADER_TENSOR))))
-        self._infos = dict(zip(self.plan.names, desc["layers"]))
-
-    def _bytes(self, key):
-        e = self._header.get(key)
-        if e is None:
-            raise OpqFormatError(f"{self._path!r} is corrupt: tensor {key!r} is missing")
-        a, b = (int(x) for x in e["data_offsets"])
-        return self._mm[self._start + a:self._start + b]
+        self._path = path
+        self._f = open(path, "rb")
+        try:
+            self._fb, self._header, self._start, version, layout = _parse(path, self._f)
+            desc = _description(path, _entry_bytes(path, self._fb, self._header, self._start,
+                                                   _HEADER_TENSOR))
+            _, infos, _ = _check_description(path, self._fb, self._header, self._start, desc,
+                                             version, layout, self._fb.size)
+        except BaseException:
+            self._f.close()
+            raise
+        self._infos = dict(zip(self.plan.names, infos))
 
     @property
     def names(self) -> list:
@@ -1008,22 +1307,27 @@ class OpqStream:
         """A compressed layer's dense weights, or another tensor as it was written."""
         if name in self._infos:
             lp = self.plan[name]
-            _, codes = _decode_layer_blob(lp, self._bytes(_PREFIX + name), self._infos[name])
+            blob = _entry_bytes(self._path, self._fb, self._header, self._start,
+                                _PREFIX + name, name)
+            try:
+                _, codes = _decode_layer_blob(lp, blob, self._infos[name])
+            except (OpqFormatError, ValueError) as exc:
+                text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise _bad(self._path, text, layer=name) from None
             return decode_layer(lp, codes)
         if name not in self.file.other_names:
             raise KeyError(name)
         e = self._header[name]
         dt = np.dtype(_NP_DTYPES[e["dtype"]])
+        a, b = e["data_offsets"]
         le = dt.newbyteorder("<") if dt.itemsize > 1 else dt
-        raw = self._bytes(name)
-        if len(raw) != int(np.prod(e["shape"])) * dt.itemsize:
-            raise OpqFormatError(f"{self._path!r} is corrupt: tensor {name!r}")
-        return np.frombuffer(raw, dtype=le).astype(dt).reshape(e["shape"])
+        raw = self._fb[self._start + a:self._start + b]
+        return np.frombuffer(raw, dtype=le).astype(dt).reshape(tuple(e["shape"]))
 
     def close(self):
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
+        if self._f is not None:
+            self._f.close()
+            self._f = None
 
     def __enter__(self):
         return self

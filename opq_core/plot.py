@@ -1,4 +1,5 @@
-"""Per-layer charts of a plan or a ``.opq`` file (PNG; matplotlib is an optional extra)."""
+"""Per-layer charts of a plan or a ``.opq`` file (PNG, PDF or SVG by the extension;
+matplotlib is an optional extra)."""
 from __future__ import annotations
 
 import io as _io
@@ -7,7 +8,7 @@ import re
 
 import numpy as np
 
-__all__ = ["plot_plan", "plot_file"]
+__all__ = ["plot_plan", "plot_file", "plot_format", "FORMATS"]
 
 
 def _pyplot():
@@ -21,10 +22,25 @@ def _pyplot():
     return plt
 
 
+#: Chart formats by file extension.
+FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
+
+
+def plot_format(path) -> str:
+    """The chart format of ``path`` by its extension; ValueError for any other."""
+    import os
+    ext = os.path.splitext(str(path))[1].lower()
+    if ext not in FORMATS:
+        raise ValueError(f"path: {str(path)!r}: a chart is written as "
+                         f"{', '.join(FORMATS)} by the extension, not {ext or '(none)'!r}")
+    return FORMATS[ext]
+
+
 def _save(fig, path, plt):
     from .io import atomic_write
+    fmt = plot_format(path)
     buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format=fmt, dpi=110, bbox_inches="tight")
     plt.close(fig)
     data = buf.getvalue()
     atomic_write(path, lambda f: f.write(data))
@@ -52,7 +68,8 @@ def _names(ax, names):
 
 def plot_plan(plan, path) -> None:
     """Bar charts per layer: sparsity (realized and Laplace-predicted), bits, predicted
-    error, written to ``path`` (PNG)."""
+    error, written to ``path`` (PNG, PDF or SVG by the extension)."""
+    plot_format(path)
     plt = _pyplot()
     layers = _natural(plan.layers, lambda lp: lp.name)
     names = [lp.name for lp in layers]
@@ -77,7 +94,8 @@ def plot_plan(plan, path) -> None:
 
 def plot_file(cf, path) -> None:
     """Bar charts per layer of a written file: sparsity, bits, paper_rate and
-    storage_rate, written to ``path`` (PNG)."""
+    storage_rate, written to ``path`` (PNG, PDF or SVG by the extension)."""
+    plot_format(path)
     plt = _pyplot()
     recs = _natural(cf.layers, lambda r: r.name)
     names = [r.name for r in recs]

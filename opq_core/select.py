@@ -66,20 +66,11 @@ def _band_pass(x, qc, s2, dead, lo, hi, rows_per_chunk, cap,
             q = qc[c]
             sc2 = s2[c]
             if dead[c]:
-                # an all-zero channel: every score is -inf, every w^2 is 0
-                if -np.inf < lo:
-                    nb += fan
-                    s2b += sc2 * fan
-                else:
-                    for j in range(fan):
-                        if n < cap:
-                            c_score[base + n] = -np.inf
-                            c_sq[base + n] = 0.0
-                            c_s2[base + n] = sc2
-                            c_idx[base + n] = c * fan + j
-                            n += 1
-                        else:
-                            over = True
+                # an all-zero channel: every score is -inf, every w^2 is 0; always counted
+                # below the band (never copied: memory does not depend on how many weights
+                # are zero; select_global handles k <= the dead count without a pass)
+                nb += fan
+                s2b += sc2 * fan
                 continue
             # branch-free counting (the below/above test is a coin flip near the median);
             # the in-band test is one well-predicted branch on a slightly widened
@@ -209,6 +200,14 @@ def select_global(weights, qcs, s2s, deads, k: int, *, sample_size: int | None =
         return Selection(-math.inf, pruned, perr, ps2, 0)
     if k > N:
         raise ValueError(f"k: cannot prune {k} of {N} weights")
+    # dead (all-zero) channels score -inf: they are the first pruned, and are only counted
+    n_dead = np.zeros(L, dtype=np.int64)
+    for i, d in enumerate(deads):
+        d = np.asarray(d, dtype=bool)
+        if d.size:
+            n_dead[i] = int(np.count_nonzero(d)) * (int(sizes[i]) // d.size)
+    if k <= int(n_dead.sum()):
+        return _select_dead(deads, s2s, sizes, n_dead, k)
     # 1. band from a stratified sample
     if sample_size is None:
         # 100k samples up to 25.6M weights, then N/256 (at most 4M): the candidate band,
@@ -268,3 +267,29 @@ def select_global(weights, qcs, s2s, deads, k: int, *, sample_size: int | None =
     if int(pruned.sum()) != k:  # an internal invariant, not a user error
         raise RuntimeError(f"select_global: pruned {int(pruned.sum())} weights, wanted {k}")
     return Selection(v, pruned, perr, ps2, passes)
+
+
+def _select_dead(deads, s2s, sizes, n_dead, k: int) -> Selection:
+    """Prune ``k`` weights, all of them in dead channels (score ``-inf``, ``w^2 = 0``):
+    ties resolved as in :func:`select_global` (later weights in network order first)."""
+    L = len(deads)
+    pruned = np.zeros(L, dtype=np.int64)
+    perr = np.zeros(L)
+    ps2 = np.zeros(L)
+    budget = k
+    for i in range(L - 1, -1, -1):
+        if budget <= 0:
+            break
+        d = np.asarray(deads[i], dtype=bool)
+        if not n_dead[i]:
+            continue
+        fan = int(sizes[i]) // d.size
+        s2 = np.asarray(s2s[i], dtype=np.float64)
+        for c in np.flatnonzero(d)[::-1]:
+            take = min(fan, budget)
+            pruned[i] += take
+            ps2[i] += float(s2[c]) * take
+            budget -= take
+            if budget <= 0:
+                break
+    return Selection(-math.inf, pruned, perr, ps2, 0)

@@ -56,7 +56,7 @@ def test_a_sharded_folder_is_one_model_and_bad_indexes_are_refused(tmp_path):
     (folder / "model.safetensors.index.json").write_text(json.dumps(bad))
     with pytest.raises(FileNotFoundError, match="gone.safetensors"):
         open_weights(folder)
-    with pytest.raises(FileNotFoundError, match="holds none of"):
+    with pytest.raises(ValueError, match="holds none of"):
         open_weights(tmp_path)
 
 
