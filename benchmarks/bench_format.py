@@ -34,7 +34,8 @@ from _common import machine, markdown_table  # noqa: E402
 
 import opq_core  # noqa: E402
 from opq_core.synthetic import laplace_weights  # noqa: E402
-from opq_core.format import _symbols, compress_weights, read_opq, write_opq  # noqa: E402
+from opq_core._codec import _symbols  # noqa: E402
+from opq_core.format import compress_weights, read_opq, write_opq  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -367,7 +367,7 @@ def test_builtin_train_hook_gets_the_real_torch(tmp_path, good):
 
 _SLOW_WRITE = r"""
 import os, sys, time
-import opq_core.io as io
+import opq_core._atomic as io
 real = os.fsync
 def slow(fd):
     open(sys.argv[1], "w").close()
