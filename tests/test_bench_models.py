@@ -228,3 +228,30 @@ def test_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monk
     assert meta["steps_per_epoch"] == 6 and len(meta["history"]) == 2
     model = rn.load_pretrained(str(tmp_path / "b.safetensors"))
     assert _n_params(model) == 269_722
+
+
+def _have_cifar():
+    try:
+        return os.path.isfile(cifar.data_path()) or \
+            os.path.isfile(os.path.join(cifar.cache_dir(), "x_test.npy"))
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile(rn.WEIGHTS), reason="trained weights not committed")
+@pytest.mark.skipif(not _have_cifar(), reason="CIFAR-10 tar file and cache absent")
+def test_committed_weights_reach_the_recorded_held_out_accuracy():
+    import train_resnet20 as tr
+
+    x_train, _, x_test, y_test = cifar.load_cifar10()
+    with open(os.path.splitext(rn.WEIGHTS)[0] + ".json") as f:
+        meta = json.load(f)
+    mean, std = cifar.channel_stats(x_train)
+    np.testing.assert_allclose(mean, meta["normalization"]["mean"], rtol=1e-6)
+    np.testing.assert_allclose(std, meta["normalization"]["std"], rtol=1e-6)
+    model = rn.load_pretrained()
+    acc = tr.evaluate(model, cifar.to_tensor(x_test, mean, std), torch.from_numpy(y_test),
+                      channels_last=False)
+    # Same weights, same images; only the memory layout may differ from the training run.
+    assert abs(acc - meta["test_accuracy"]) <= 0.002
