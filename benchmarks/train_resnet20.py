@@ -13,7 +13,8 @@ start, so the total is fixed when a run begins. At the end it writes the float32
 timings and held-out test accuracy to ``weights/resnet20_cifar10.json``.
 
     python benchmarks/train_resnet20.py --time-steps 20   # seconds per step, nothing written
-    python benchmarks/train_resnet20.py --epochs 12       # train (or resume) and export
+    python benchmarks/train_resnet20.py --epochs 10       # train (or resume) and export
+    python benchmarks/train_resnet20.py --epochs 10 --export-now  # export the checkpoint as is
 """
 from __future__ import annotations
 
@@ -62,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default=None, help=f"checkpoint file (default <cache>/{CKPT_NAME})")
     p.add_argument("--out", default=WEIGHTS, help="weights file to write at the end")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--export-now", action="store_true",
+                   help="export the checkpoint as it is, without training further (the JSON "
+                        "then records the epochs completed out of the planned total)")
     a = p.parse_args(argv)
     for name in ("epochs", "batch", "threads"):
         if getattr(a, name) < 1:
@@ -183,8 +187,10 @@ def main(argv=None):
                           "steps_per_epoch": steps, "seconds_per_epoch": per_step * steps}))
         return None
 
+    if a.export_now and start_epoch == 0:
+        raise SystemExit(f"train_resnet20: --export-now needs a checkpoint, none at {ckpt}")
     epochs_run = 0
-    for epoch in range(start_epoch, a.epochs):
+    for epoch in range(start_epoch, start_epoch if a.export_now else a.epochs):
         if a.stop_after and epochs_run >= a.stop_after:
             print(f"stopping after {epochs_run} epochs (--stop-after); rerun to resume",
                   flush=True)
@@ -234,6 +240,7 @@ def main(argv=None):
         "settings": cfg,
         "steps_per_epoch": steps,
         "epochs": len(history),
+        "completed": len(history) == a.epochs,
         "train_seconds": round(train_seconds, 1),
         "seconds_per_epoch": round(train_seconds / max(len(history), 1), 1),
         "test_accuracy": round(test_acc, 4),

@@ -66,7 +66,8 @@ def test_committed_weights_load_and_match_the_json():
         meta = json.load(f)
     assert meta["parameters"] == _n_params(model)
     assert 0.1 < meta["test_accuracy"] <= 1.0
-    assert meta["epochs"] == meta["settings"]["epochs"] == len(meta["history"])
+    assert meta["epochs"] == len(meta["history"]) <= meta["settings"]["epochs"]
+    assert meta["completed"] == (meta["epochs"] == meta["settings"]["epochs"])
     with torch.no_grad():
         out = model(torch.zeros(1, 3, 32, 32))
     assert out.shape == (1, 10) and torch.isfinite(out).all()
@@ -210,6 +211,13 @@ def test_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monk
         assert tr.main(common + ["--ckpt", str(tmp_path / "b.pt"), "--stop-after", "1",
                                  "--out", str(tmp_path / "b.safetensors")]) is None
         assert not (tmp_path / "b.safetensors").exists()
+        partial = tr.main(common + ["--ckpt", str(tmp_path / "b.pt"), "--export-now",
+                                    "--out", str(tmp_path / "p.safetensors")])
+        assert partial["epochs"] == 1 and partial["completed"] is False
+        assert (tmp_path / "p.json").exists()
+        with pytest.raises(SystemExit, match="needs a checkpoint"):
+            tr.main(common + ["--ckpt", str(tmp_path / "none.pt"), "--export-now",
+                              "--out", str(tmp_path / "q.safetensors")])
         resumed = tr.main(common + ["--ckpt", str(tmp_path / "b.pt"),
                                     "--out", str(tmp_path / "b.safetensors")])
         with pytest.raises(SystemExit, match="other settings"):
@@ -222,6 +230,7 @@ def test_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monk
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert whole["epochs"] == resumed["epochs"] == 2
+    assert whole["completed"] and resumed["completed"]
     assert whole["test_accuracy"] == resumed["test_accuracy"]
     with open(tmp_path / "b.json") as f:
         meta = json.load(f)
