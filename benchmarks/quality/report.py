@@ -193,6 +193,7 @@ def plot(result, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
     done = [(k, v) for k, v in result["models"].items() if not v.get("skipped")]
     if not done:
         return False
@@ -206,6 +207,12 @@ def plot(result, path):
                     ls="-" if fam == "opq" else "--", label=cname, ms=5 if fam == "opq" else 4)
         ax.axhline(res["dense"][metric], color="k", lw=0.7, ls=":", label="dense")
         ax.set_xscale("log")
+        rates = [p["storage_rate"] for p in res["points"]]
+        ticks = [t for t in (2, 4, 8, 16, 32, 64, 128, 256)
+                 if min(rates) / 1.5 <= t <= max(rates) * 1.5]
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("storage rate (float32 bytes / compressed bytes)")
         ax.set_ylabel(res["metric_label"])
         ax.set_title(name)
