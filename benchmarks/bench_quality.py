@@ -58,7 +58,9 @@ class Grid:
 
     opq_bits: tuple = (2, 3, 4)
     opq_sparsity: tuple = (0.0, 0.5, 0.75, 0.9)
-    opq_rates: tuple = (8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
+    # target paper_rate of the size-budget mode; the storage rate of the written file is
+    # lower (the sparsity pattern and the side information), hence targets up to 256
+    opq_rates: tuple = (8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0, 128.0, 192.0, 256.0)
     rtn_bits: tuple = (2, 3, 4)
     rtn_sparsity: tuple = (0.0, 0.5, 0.75, 0.9)
     rtn_max_bits: tuple = (2, 3, 4)
@@ -71,7 +73,8 @@ class Grid:
 #: two busy cores): fewer HQQ points on the larger models, fewer points on the slow ones.
 MEDIUM = replace(Grid(), opq_sparsity=(0.0, 0.5, 0.75), rtn_sparsity=(0.0, 0.5, 0.75),
                  hqq_bits=(2, 3, 4), hqq_sparsity=(0.0,))
-SMALL = Grid(opq_bits=(3, 4), opq_sparsity=(0.5, 0.8), opq_rates=(8.0, 16.0, 32.0, 64.0),
+SMALL = Grid(opq_bits=(3, 4), opq_sparsity=(0.5, 0.8),
+             opq_rates=(8.0, 16.0, 32.0, 64.0, 128.0, 256.0),
              rtn_bits=(2, 3, 4), rtn_sparsity=(0.0, 0.7), rtn_max_bits=(4,),
              hqq_bits=(3,), hqq_sparsity=(0.0,), quanto=("qint4", "qint2"))
 QUICK = Grid(opq_bits=(4,), opq_sparsity=(0.5,), opq_rates=(16.0,), rtn_bits=(4,),
