@@ -100,8 +100,8 @@ def headline(points, metric, higher, targets=(8.0, 16.0, 32.0, 64.0)):
         rate_mode = curves([p for p in points if p["curve"] == "opq size budget"])
         rm = interpolate(rate_mode["opq size budget"], t, metric) if rate_mode else None
         fixed = best_interpolated([p for p in points if p["family"] == "opq"
-                                   and p["curve"] != "opq size budget"], "opq", t, metric,
-                                  higher)
+                                   and not p["curve"].endswith("size budget")], "opq", t,
+                                  metric, higher)
         bi = best_interpolated(points, "baseline", t, metric, higher)
         rows.append({"storage_rate": t, "opq_size_budget": rm,
                      "opq_fixed_bits": None if fixed is None else fixed[0],
