@@ -59,10 +59,11 @@ class Grid:
     opq_bits: tuple = (2, 3, 4)
     opq_sparsity: tuple = (0.0, 0.5, 0.75, 0.9)
     # target paper_rate of the size-budget mode; the storage rate of the written file is
-    # lower (the sparsity pattern and the side information), hence targets up to 256
-    opq_rates: tuple = (8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0, 128.0, 192.0, 256.0)
+    # lower (the sparsity pattern and the side information), hence targets up to 384
+    opq_rates: tuple = (6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0, 128.0, 192.0,
+                         256.0, 384.0)
     rtn_bits: tuple = (2, 3, 4)
-    rtn_sparsity: tuple = (0.0, 0.5, 0.75, 0.9)
+    rtn_sparsity: tuple = (0.0, 0.5, 0.75, 0.85, 0.9)
     rtn_max_bits: tuple = (2, 3, 4)
     hqq_bits: tuple = (2, 3, 4)
     hqq_sparsity: tuple = (0.0, 0.5)
@@ -74,7 +75,7 @@ class Grid:
 MEDIUM = replace(Grid(), opq_sparsity=(0.0, 0.5, 0.75), rtn_sparsity=(0.0, 0.5, 0.75),
                  hqq_bits=(2, 3, 4), hqq_sparsity=(0.0,))
 SMALL = Grid(opq_bits=(3, 4), opq_sparsity=(0.5, 0.8),
-             opq_rates=(8.0, 16.0, 32.0, 64.0, 128.0, 256.0),
+             opq_rates=(6.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0),
              rtn_bits=(2, 3, 4), rtn_sparsity=(0.0, 0.7), rtn_max_bits=(4,),
              hqq_bits=(3,), hqq_sparsity=(0.0,), quanto=("qint4", "qint2"))
 QUICK = Grid(opq_bits=(4,), opq_sparsity=(0.5,), opq_rates=(16.0,), rtn_bits=(4,),

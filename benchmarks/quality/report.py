@@ -90,6 +90,8 @@ def matched(points, metrics):
             row[f"{metric}_baseline_point"] = None if br is None else br["metrics"][metric]
             row[f"{metric}_baseline_point_label"] = None if br is None else br["label"]
             row[f"{metric}_baseline_point_rate"] = None if br is None else br["storage_rate"]
+            row[f"{metric}_point_verdict"] = verdict(
+                ours, None if br is None else br["metrics"][metric], higher)
         rows.append(row)
     return rows
 
@@ -175,8 +177,17 @@ def model_markdown(name, res):
     wins = {}
     for r in res["matched"]:
         wins[r[f"{metric}_verdict"]] = wins.get(r[f"{metric}_verdict"], 0) + 1
-    lines += ["On " + metric + ": " + ", ".join(f"{k}: {v}" for k, v in sorted(wins.items()))
-              + f" (of {len(res['matched'])} opq points).", ""]
+    real = {}
+    for r in res["matched"]:
+        v = r.get(f"{metric}_point_verdict", "-")
+        real[v] = real.get(v, 0) + 1
+    lines += ["On " + metric + ", against the interpolated baseline: "
+              + ", ".join(f"{k}: {v}" for k, v in sorted(wins.items()))
+              + "; against the best measured baseline point no larger than opq's: "
+              + ", ".join(f"{k}: {v}" for k, v in sorted(real.items()))
+              + f" (of {len(res['matched'])} opq points). Interpolation across a wide gap "
+              "between two baseline points (e.g. where a curve falls off a cliff) is a "
+              "guess; the second count uses measured points only.", ""]
     lines += ["### Headline: interpolated at target storage rates", ""]
     hcols = [("storage rate", lambda r: r["storage_rate"]),
              ("opq size budget", lambda r: r["opq_size_budget"]),
