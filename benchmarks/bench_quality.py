@@ -78,6 +78,11 @@ SMALL = Grid(opq_bits=(3, 4), opq_sparsity=(0.5, 0.8),
              opq_rates=(6.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0),
              rtn_bits=(2, 3, 4), rtn_sparsity=(0.0, 0.7), rtn_max_bits=(4,),
              hqq_bits=(3,), hqq_sparsity=(0.0,), quanto=("qint4", "qint2"))
+#: CREPE-full (22 M weights, 1.2 GMAC per frame): the clip search and HQQ take minutes per
+#: point on two busy cores; the fewest points that still give curves
+FULL = Grid(opq_bits=(4,), opq_sparsity=(0.5,), opq_rates=(8.0, 16.0, 32.0, 64.0),
+            rtn_bits=(2, 3, 4), rtn_sparsity=(0.0,), rtn_max_bits=(), hqq_bits=(),
+            hqq_sparsity=(), quanto=("qint4", "qint2"))
 #: ResNet-20: every evaluation is 5,000 images (about a minute on two busy cores)
 RESNET = Grid(opq_bits=(4,), opq_sparsity=(0.5,), opq_rates=(8.0, 16.0, 32.0, 64.0),
               rtn_bits=(2, 4), rtn_sparsity=(0.0, 0.5), rtn_max_bits=(), hqq_bits=(3,),
@@ -92,7 +97,7 @@ QUICK_HQQ = replace(QUICK, hqq_bits=(3,), hqq_sparsity=(0.0,))
 class Config:
     name: str = "bench_quality"
     models: tuple = ("crepe_tiny", "crepe_full", "minilm", "resnet20")
-    grids: dict = field(default_factory=lambda: {"minilm": MEDIUM, "crepe_full": SMALL,
+    grids: dict = field(default_factory=lambda: {"minilm": MEDIUM, "crepe_full": FULL,
                                                  "resnet20": RESNET})
     grid: Grid = Grid()
     tones: dict = field(default_factory=lambda: {"crepe_tiny": 300, "crepe_full": 48})
@@ -352,6 +357,13 @@ def render(json_path):
     with open(json_path) as f:
         result = json.load(f)
     base = json_path[:-len(".json")]
+    for res in result["models"].values():       # the comparisons follow from the points
+        if not res.get("skipped"):
+            metrics = [(res["metric"], res["higher_is_better"])] + [
+                tuple(m) for m in res["secondary"]]
+            res["matched"] = R.matched(res["points"], metrics)
+            res["headline"] = R.headline(res["points"], res["metric"], res["higher_is_better"])
+    _write(json_path, json.dumps(result, indent=1, default=float))
     _write(base + ".md", markdown(result))
     R.plot(result, base + ".png")
 
@@ -380,8 +392,8 @@ def main(argv=None):
                     "existing JSON of the same name (then re-render the markdown and figure)")
     ap.add_argument("--opq-variant", action="append", default=[], type=_variant,
                     help='extra opq variant "label:key=value,..." (repeatable)')
-    ap.add_argument("--from-json", default=None, help="only re-render the markdown and the "
-                    "figure of an existing JSON")
+    ap.add_argument("--from-json", default=None, help="recompute the comparisons of an "
+                    "existing JSON from its points and re-render the markdown and the figure")
     a = ap.parse_args(argv)
     if a.from_json:
         render(a.from_json)
