@@ -15,15 +15,19 @@ levels, so the estimate is off by a relative ``O((w / D)^2)``.
 The kept set depends on the channel thresholds ``t_c = theta_c / s_c``. The layer's
 channels are taken to share the pooled normalized distribution (the premise of a shared
 normalized codebook); the kept error is the mixture over up to ``GROUPS`` representative
-thresholds (quantile groups of the ``t_c``):
+thresholds (quantile groups of the ``t_c``, each of mass ``m_g`` the share of its channels'
+``s_c^2``, so that the error is weighed in the weights' own units):
 
 .. math:: q = \\frac{\\sum_g m_g E(t_g, D)}{\\sum_g m_g N(t_g)},
 
 ``E`` the squared error of the histogram's values above ``t_g``, ``N`` their count. The
 step minimizes ``q`` over a geometric grid around the Laplace optimum ``D*_B`` (a factor 8
 either way) refined between the best grid point's neighbours. The Laplace step is kept
-unless the fitted one is better by more than the resolution margin ``4 (w / D)^2``, so
-the fitted quantizer never does measurably worse than the Laplace one.
+unless the fitted one is better by more than the resolution margin
+``4 (w / D)^2 + 2e-4 + 2 / sqrt(n_kept)`` (relative: the histogram's resolution and the
+sampling noise of an error measured on a pooled histogram), so that on layers of real size
+the fitted quantizer does not do worse than the Laplace one; with no pruning the pooled
+histogram is exactly the kept set and this holds up to the resolution. The histogram divides by the scales as the plan stores them (float16).
 """
 from __future__ import annotations
 
@@ -49,8 +53,9 @@ def _mixture_errors(P, inv_w, t_g, m_g, K, symmetric, steps, out_err, out_n):
         for g in range(G):
             t = t_g[g]
             lo = np.int64(np.floor(t * inv_w + 0.5))
-            if lo > nb - 1:
-                lo = nb - 1
+            if lo >= nb - 1:
+                # the threshold lies in the open last bin: its values are taken as pruned
+                continue
             if lo < 0:
                 lo = 0
             n_tot += m_g[g] * (P[nb, 0] - P[lo, 0])
@@ -86,18 +91,23 @@ def prefix(hist: np.ndarray) -> np.ndarray:
     return P
 
 
-def threshold_groups(t: np.ndarray, groups: int = GROUPS):
-    """(representative thresholds, masses summing to 1) of per-channel thresholds."""
+def threshold_groups(t: np.ndarray, weight=None, groups: int = GROUPS):
+    """(representative thresholds, masses summing to 1) of per-channel thresholds ``t``,
+    each channel counted with ``weight`` (default 1; the plan passes ``s_c^2``, so that the
+    fit minimizes the error in the weights' own units)."""
     t = np.asarray(t, dtype=np.float64)
     if t.size == 0:
         return np.zeros(1), np.ones(1)
+    wt = np.ones(t.size) if weight is None else np.asarray(weight, dtype=np.float64)
     lo, hi = float(t.min()), float(t.max())
     if hi - lo <= 1e-12 * max(1.0, hi) or t.size <= 1:
         return np.array([lo]), np.ones(1)
-    ts = np.sort(t)
-    parts = np.array_split(ts, min(groups, ts.size))
-    return (np.array([p.mean() for p in parts]),
-            np.array([p.size for p in parts], dtype=np.float64) / ts.size)
+    order = np.argsort(t, kind="stable")
+    parts = np.array_split(order, min(groups, t.size))
+    mass = np.array([wt[p].sum() for p in parts])
+    rep = np.array([np.dot(t[p], wt[p]) / max(wt[p].sum(), 1e-300) for p in parts])
+    tot = mass.sum()
+    return rep, (mass / tot if tot > 0 else np.full(mass.size, 1.0 / mass.size))
 
 
 def mixture_error(P, bits: int, grid: str, t_g, m_g, steps) -> tuple[np.ndarray, np.ndarray]:
@@ -111,10 +121,11 @@ def mixture_error(P, bits: int, grid: str, t_g, m_g, steps) -> tuple[np.ndarray,
     return err, n
 
 
-def fit_step(P, bits: int, grid: str, t) -> tuple[float, float]:
+def fit_step(P, bits: int, grid: str, t, weight=None) -> tuple[float, float]:
     """(step D, normalized mean squared error of a kept weight) fitted on the histogram
-    prefix ``P`` for per-channel normalized thresholds ``t`` (see the module doc)."""
-    t_g, m_g = threshold_groups(t)
+    prefix ``P`` for per-channel normalized thresholds ``t`` and channel weights ``weight``
+    (see the module doc)."""
+    t_g, m_g = threshold_groups(t, weight)
     t_mean = float(np.dot(t_g, m_g))
     d_lap = em.optimal_step(bits, grid, t_mean if grid == "symmetric" else 0.0)
     coarse = d_lap * np.geomspace(0.125, 8.0, 97)
@@ -132,7 +143,9 @@ def fit_step(P, bits: int, grid: str, t) -> tuple[float, float]:
     d_fit, e_fit = float(fine[k]), float(err_f[k])
     if err[1 + j] < e_fit:
         d_fit, e_fit = float(coarse[j]), float(err[1 + j])
-    margin = 4.0 * (_W / min(d_fit, d_lap)) ** 2
+    # resolution of the histogram, and the sampling noise of an error measured on `kept`
+    # values pooled over channels whose own kept sets differ (relative ~ 1 / sqrt(kept))
+    margin = 4.0 * (_W / min(d_fit, d_lap)) ** 2 + 2e-4 + 2.0 / np.sqrt(kept)
     if e_fit < e_lap * (1.0 - margin):
         return d_fit, e_fit / kept
     return d_lap, e_lap / kept

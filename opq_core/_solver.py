@@ -133,7 +133,7 @@ def _layer_constants(ctx: _Context, i: int, bits: int, t_norm: float | None,
         if not live.any():
             return em.optimal_step(bits, grid), em.quantization_constant(bits, grid)
         t = channel_thresholds(-np.inf if lam is None else lam, score_q, s[live]) / s[live]
-        return fit_step(_hist_prefix(ctx, i), bits, grid, t)
+        return fit_step(_hist_prefix(ctx, i), bits, grid, t, s[live] * s[live])
     if ctx.error_model == "laplace":
         t = 0.0 if t_norm is None else t_norm
         return em.optimal_step(bits, grid, t), em.quantization_constant(bits, grid, t)

@@ -7,15 +7,16 @@ import math
 
 import numpy as np
 
-from ._jit import PARALLEL_MIN_SIZE, prange, twins
+from ._jit import PARALLEL_MIN_SIZE, jit, prange, twins
 
 __all__ = ["LayerStats", "layer_stats", "magnitude_histogram", "as_matrix", "check_weight",
            "HIST_BINS", "HIST_RANGE"]
 
 #: Bins of the histogram of normalized magnitudes ``|u| = |w| / s_c`` gathered in the
 #: statistics pass (linear on ``[0, HIST_RANGE)``; the last bin also takes everything
-#: beyond). Each bin holds (count, sum u, sum u^2), so the error of a quantizer cell that
-#: covers whole bins is exact.
+#: beyond). Each bin holds (count, sum u, sum u^2), every value weighted by its channel's
+#: s_c^2 (so that an error measured on it is in the weights' own units, s_c^2 (u - u_hat)^2),
+#: and the error of a quantizer cell that covers whole bins is exact.
 HIST_BINS = 8192
 HIST_RANGE = 32.0
 
@@ -34,8 +35,9 @@ class LayerStats:
     shape: tuple
     channel_scale: np.ndarray  # float64, (C,)
     scale: float
-    #: (HIST_BINS, 3) float64: count, sum |u|, sum u^2 of ``|u| = |w| / s_c`` per bin
-    #: (``None`` unless asked for); all-zero channels are left out.
+    #: (HIST_BINS, 3) float64: count, sum |u|, sum u^2 of ``|u| = |w| / s_c`` per bin, each
+    #: value weighted by s_c^2 at the stored (float16) scale (``None`` unless asked for);
+    #: all-zero channels are left out.
     histogram: np.ndarray | None = None
 
     @property
@@ -63,6 +65,16 @@ def _abs_sum_rows(x, out_sum, out_bad):
 _abs_sum_rows, _abs_sum_rows_par = twins(_abs_sum_rows)
 
 
+@jit()
+def _stored_scale(s):
+    # the scale as the plan stores it (opq_core._solver._round_scales): float16 when it is
+    # a normal float16 number (11 significant bits, ties to even), else float32 (24 bits)
+    m, e = math.frexp(s)
+    if 6.103515625e-05 <= s <= 32752.0:
+        return math.ldexp(np.rint(m * 2048.0) / 2048.0, e)
+    return math.ldexp(np.rint(m * 16777216.0) / 16777216.0, e)
+
+
 def _abs_sum_hist_rows(x, rows_per_chunk, inv_w, out_sum, out_bad, hist):
     # One pass: each row's |w| sum (its Laplace scale), then, with the row still in cache,
     # the histogram of |w| / s_c into the chunk's own (bins, 3) slice.
@@ -84,15 +96,17 @@ def _abs_sum_hist_rows(x, rows_per_chunk, inv_w, out_sum, out_bad, hist):
             out_bad[c] = bad
             if bad > 0 or acc <= 0.0:
                 continue
-            r = fan / acc
+            ss = _stored_scale(acc / fan)
+            r = 1.0 / ss
+            g = ss * ss
             for j in range(fan):
                 u = abs(np.float64(x[c, j])) * r
                 b = np.int64(u * inv_w)
                 if b >= nb:
                     b = nb - 1
-                hist[ch, b, 0] += 1.0
-                hist[ch, b, 1] += u
-                hist[ch, b, 2] += u * u
+                hist[ch, b, 0] += g
+                hist[ch, b, 1] += g * u
+                hist[ch, b, 2] += g * (u * u)
 
 
 _abs_sum_hist_rows, _abs_sum_hist_rows_par = twins(_abs_sum_hist_rows)
@@ -110,14 +124,15 @@ def _hist_rows(x, rows_per_chunk, inv_w, scale, hist):
             if scale[c] <= 0.0:
                 continue
             r = 1.0 / scale[c]
+            g = scale[c] * scale[c]
             for j in range(fan):
                 u = abs(np.float64(x[c, j])) * r
                 b = np.int64(u * inv_w)
                 if b >= nb:
                     b = nb - 1
-                hist[ch, b, 0] += 1.0
-                hist[ch, b, 1] += u
-                hist[ch, b, 2] += u * u
+                hist[ch, b, 0] += g
+                hist[ch, b, 1] += g * u
+                hist[ch, b, 2] += g * (u * u)
 
 
 _hist_rows, _hist_rows_par = twins(_hist_rows)
@@ -132,12 +147,13 @@ def _chunks(m):
 
 
 def magnitude_histogram(w, scale) -> np.ndarray:
-    """(HIST_BINS, 3) histogram (count, sum, sum of squares) of ``|w_cj| / scale[c]``
-    (rows of the (channels, fan-in) view; channels with ``scale <= 0`` left out).
+    """(HIST_BINS, 3) histogram (count, sum, sum of squares) of ``u = |w_cj| / scale[c]``,
+    each value weighted by ``scale[c]**2`` (rows of the (channels, fan-in) view; channels
+    with ``scale <= 0`` left out).
 
     >>> h = magnitude_histogram(np.array([[1.0, -3.0]]), np.array([2.0]))
     >>> float(h[:, 0].sum()), float(h[:, 1].sum()), float(h[:, 2].sum())
-    (2.0, 2.0, 2.5)
+    (8.0, 8.0, 10.0)
     """
     m = as_matrix(np.asarray(w))
     if m.dtype == np.float16:
