@@ -124,13 +124,14 @@ def test_fitted_on_a_real_pretrained_layer():
     # the channels in units of their mean |w|; see the README's figures)
 
 
-@pytest.mark.parametrize("dist", ["laplace", "gauss"])
-@pytest.mark.parametrize("kw", [dict(sparsity=0.0, bits=4), dict(sparsity=0.5, bits=4),
-                                dict(rate=12)])
+@pytest.mark.parametrize("dist,kw", [(d, k) for d in DISTS for k in (
+    dict(sparsity=0.0, bits=4), dict(sparsity=0.5, bits=4), dict(sparsity=0.8, bits=3),
+    dict(rate=12)) if not (d == "uniform" and k.get("sparsity"))
+    and not (d == "laplace" and k.get("sparsity") == 0.8)])
 def test_predicted_quantization_error_within_10_percent(dist, kw):
-    # (not yet within 10 % with pruning on uniform and Student-t layers, nor at
-    # sparsity 0.8 / 3 bits on Laplace ones: the pooled histogram smears each channel's own
-    # edge and outliers; the README gives the measured ratios)
+    # Not within 10 % yet (measured, left out): uniform layers with pruning (the pooled
+    # histogram smears each channel's own sharp edge: up to 2.5x) and Laplace layers at
+    # sparsity 0.8 / 3 bits (predicted 13 % low on one layer).
     rng = np.random.default_rng(3)
     w = {f"l{i}": (draw(dist, rng, shp) * 10 ** rng.uniform(-1.5, 0)).astype(np.float32)
          for i, shp in enumerate([(64, 288), (128, 576), (96, 400)])}
@@ -148,7 +149,7 @@ def test_histogram_is_the_statistics_pass():
     w = rng.laplace(size=(70, 1100)).astype(np.float32)  # several chunks
     st_ = layer_stats("w", w, histogram=True)
     s = st_.channel_scale.astype(np.float16).astype(np.float64)  # the stored scales
-    u = np.abs(w.astype(np.float64)) / s[:, None]
+    u = np.abs(w.astype(np.float64)) * (1.0 / s)[:, None]
     g = np.broadcast_to((s * s)[:, None], u.shape)
     h = st_.histogram
     assert h[:, 0].sum() == pytest.approx(g.sum(), rel=1e-12)
@@ -172,6 +173,11 @@ def test_floor_holds_in_both_modes(mode, min_density):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         p = plan(w, min_density=min_density, **mode)
+    if not p.success:  # a budget below the floor: infeasible, and it says so
+        assert p.status == 2 and "min_density" in p.message
+        assert p.min_budget_bits == sum(max(1, math.ceil(min_density * lp.n)) if lp.name != "zero"
+                                        else 1 for lp in p.layers) * 1
+        return
     for lp in p.layers:
         live = lp.name != "zero"
         floor = math.ceil(min_density * lp.n) if live else 0
@@ -213,7 +219,7 @@ def test_warning_names_every_layer_past_99_percent():
 def test_bits_none_means_every_width():
     rng = np.random.default_rng(9)
     w = {"a": rng.laplace(size=(32, 64)), "b": 0.1 * rng.laplace(size=(16, 32))}
-    assert plan(w, rate=20, bits=None) == plan(w, rate=20)
+    assert plan(w, rate=20, bits=None).to_dict()["layers"] == plan(w, rate=20).to_dict()["layers"]
     with pytest.raises(ValueError, match="bits=None"):
         plan(w, sparsity=0.5, bits=None)
 
