@@ -2,7 +2,9 @@
 
 Weights shaped like AlexNet, ResNet-50 and MobileNet-V1 (Laplace draws, per-layer scales
 over two decades). Every figure is a ratio to ``sum(np.abs(w).sum())`` timed in the same
-run. Compile time (first call) is reported apart.
+run ("plan / pass" is the number of such passes a plan costs); the default fitted error
+model is timed next to ``error_model="laplace"`` ("vs laplace"). Compile time (first call)
+is reported apart.
 
     python benchmarks/bench_allocate.py [--quick] [--json out.json]
 """
@@ -38,7 +40,11 @@ def main(argv=None):
         n = sum(v.size for v in w.values())
         base = timeit(lambda: sum(float(np.abs(v).sum()) for v in w.values()), repeat=repeat)
         for mode, kw in (("sparsity 0.9, 4 bits", dict(sparsity=0.9, bits=4)),
-                         ("sparsity 0.5, 2 bits", dict(sparsity=0.5, bits=2))):
+                         ("sparsity 0.9, 4 bits, laplace", dict(sparsity=0.9, bits=4,
+                                                                error_model="laplace")),
+                         ("sparsity 0.5, 2 bits", dict(sparsity=0.5, bits=2)),
+                         ("sparsity 0.5, 2 bits, laplace", dict(sparsity=0.5, bits=2,
+                                                                error_model="laplace"))):
             plans = []
             total = timeit(lambda: plans.append(plan(w, **kw)), repeat=repeat)
             p = plans[-1]
@@ -50,7 +56,12 @@ def main(argv=None):
                          "plan / pass": total / base, "stats / pass": st / base,
                          "select / pass": se / base, "solve ms": so * 1e3,
                          "paper_rate": p.paper_rate})
-    cols = ["model", "weights", "mode", "numpy pass ms", "plan ms", "plan / pass",
+    by = {(r["model"], r["mode"]): r for r in rows}
+    for r in rows:
+        lap = by.get((r["model"], r["mode"] + ", laplace"))
+        if lap is not None:
+            r["vs laplace"] = r["plan ms"] / lap["plan ms"]
+    cols = ["model", "weights", "mode", "numpy pass ms", "plan ms", "plan / pass", "vs laplace",
             "stats / pass", "select / pass", "solve ms", "paper_rate"]
     emit("bench_allocate", {"compile_seconds": compile_s, "rows": rows}, rows, cols, args.json)
 

@@ -39,7 +39,7 @@ def _add_plan_args(p: argparse.ArgumentParser):
                         "'opq compress' with --train")
     p.add_argument("--channelwise", default="unified", choices=["unified", "layer"])
     p.add_argument("--grid", default="offset", choices=["offset", "symmetric"])
-    p.add_argument("--error-model", default="laplace", choices=["laplace", "empirical"])
+    p.add_argument("--error-model", default="fitted", choices=["fitted", "laplace", "empirical"])
     p.add_argument("--exclude", action="append", default=None, metavar="NAME",
                    help="tensor to leave uncompressed (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

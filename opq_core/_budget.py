@@ -77,17 +77,23 @@ def _solve_budget(ctx: _Context, budget, bits_set):
     L = len(ctx.names)
     N = int(ctx.sizes.sum())
     S = rate_budget_bits(N, budget[1]) if budget[0] == "rate" else budget[1]
-    min_feasible = float(L * min(bits_set))
+    floors = _budget_floors(ctx)
+    min_feasible = float(int(floors.sum()) * min(bits_set))
     use_q = ctx.method == "opq"
     # normalized constants per layer and width (Laplace: the same for all layers)
     qn_table = np.array([[em.quantization_constant(b, ctx.grid, 0.0) for b in bits_set]] * L)
     step_table = np.array([[em.optimal_step(b, ctx.grid, 0.0) for b in bits_set]] * L)
     if S < min_feasible:
         msg = (f"infeasible: budget {S:.0f} bits is below the smallest feasible "
-               f"{min_feasible:.0f} bits (one {min(bits_set)}-bit weight per layer)")
+               f"{min_feasible:.0f} bits ({int(floors.sum())} {min(bits_set)}-bit weights: the floor "
+               "of kept weights per layer, min_density)")
         layers = _empty_layers(ctx, bits_set, step_table, qn_table, use_q)
         return layers, np.inf, 2, msg, min_feasible
     n_iter = 1 if (ctx.grid == "offset" and ctx.error_model == "laplace") else 2
+    if ctx.error_model == "fitted":  # start from the fit with nothing pruned
+        for i in range(L):
+            for j, bb in enumerate(bits_set):
+                step_table[i, j], qn_table[i, j] = _layer_constants(ctx, i, bb, None, None, 0.0)
     for it in range(n_iter):
         score_tab = qn_table if use_q else np.zeros_like(qn_table)
         choice, kept, mu = _bisect_mu(ctx, score_tab, bits_set, S)
@@ -107,7 +113,7 @@ def _solve_budget(ctx: _Context, budget, bits_set):
     bits = [bits_set[j] for j in choice]
     qn = np.array([qn_table[i, choice[i]] for i in range(L)])
     steps = np.array([step_table[i, choice[i]] for i in range(L)])
-    score_q = qn if use_q else np.zeros(L)
+    score_q = qn.copy() if use_q else np.zeros(L)
     if refined is None:
         kept = _fill_budget(ctx, bits, score_q, kept, S)
     lams = np.empty(L)
@@ -115,6 +121,8 @@ def _solve_budget(ctx: _Context, budget, bits_set):
         sc = score_layer(ctx.arrays[ctx.names[i]], score_q[i], ctx.scales[i])
         n_pruned = int(ctx.sizes[i] - kept[i])
         lams[i] = -np.inf if n_pruned == 0 else _kth_smallest(sc, n_pruned)
+        if ctx.error_model == "fitted":  # refit at the realized thresholds (masks stay)
+            steps[i], qn[i] = _layer_constants(ctx, i, bits[i], None, lams[i], score_q[i])
     pred = np.array([_predicted_sparsity_lam(ctx, score_q, lams[i])[i] for i in range(L)])
     layers = _build_layers(ctx, bits, steps, qn, score_q, lams, kept, pred)
     used = sum(b * k for b, k in zip(bits, kept))
@@ -154,15 +162,16 @@ def _fill_budget(ctx, bits, score_q, kept, S):
     best remaining weights (largest (w^2 - q) / bits) while they fit; never exceed S."""
     L = len(ctx.names)
     kept = kept.copy()
+    floors = _budget_floors(ctx)
     for i in range(L):
-        if kept[i] == 0 and np.any(ctx.scales[i] > 0):
-            kept[i] = 1
+        if np.any(ctx.scales[i] > 0):
+            kept[i] = max(kept[i], floors[i])
     used = sum(b * k for b, k in zip(bits, kept))
     # remove from the widest layers if the forced weights overflow
     order = np.argsort([-b for b in bits], kind="stable")
     while used > S:
         for i in order:
-            if kept[i] > 1:
+            if kept[i] > floors[i]:
                 kept[i] -= 1
                 used -= bits[i]
                 break
@@ -197,13 +206,20 @@ def _fill_budget(ctx, bits, score_q, kept, S):
     return kept
 
 
+def _budget_floors(ctx):
+    """Budget mode keeps at least one weight per layer, and the min_density floor."""
+    f = getattr(ctx, "floors", None)
+    f = np.zeros(len(ctx.names), dtype=np.int64) if f is None else f
+    return np.maximum(f, 1)
+
+
 def _empty_layers(ctx, bits_set, step_table, qn_table, use_q):
     L = len(ctx.names)
     b = min(bits_set)
     j = bits_set.index(b)
     qn = qn_table[:, j]
     steps = step_table[:, j]
-    score_q = qn if use_q else np.zeros(L)
+    score_q = qn.copy() if use_q else np.zeros(L)
     kept = np.zeros(L, dtype=np.int64)
     lams = np.full(L, np.inf)
     return _build_layers(ctx, [b] * L, steps, qn, score_q, lams, kept, np.ones(L))
@@ -225,6 +241,7 @@ def _local_search(ctx, bits_set, score_tab, choice, S, max_passes: int = 4):
     N = int(ctx.sizes.sum())
     if N * len(bits_set) > LOCAL_SEARCH_MAX:
         return None
+    floors = _budget_floors(ctx)
     gains = []  # gains[i][j]: descending positive scores (error saved per kept weight)
     live = []
     for i in range(L):
@@ -239,7 +256,8 @@ def _local_search(ctx, bits_set, score_tab, choice, S, max_passes: int = 4):
     def solve(ch):
         b = np.array([bits_set[j] for j in ch], dtype=np.float64)
         g = [gains[i][ch[i]] for i in range(L)]
-        base = np.array([1 if (live[i] and g[i].size) else 0 for i in range(L)], dtype=np.int64)
+        base = np.array([min(int(floors[i]), g[i].size) if live[i] else 0 for i in range(L)],
+                        dtype=np.int64)
         if float(np.dot(base, b)) > S:
             return None
         # ratio threshold by bisection: keep gains / b > mu (positive gains only)

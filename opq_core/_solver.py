@@ -12,7 +12,8 @@ import numpy as np
 from . import error_model as em
 from ._plan import LayerPlan, channel_thresholds, layer_mask_from, score_layer
 from .io import LazyWeights, tensor_info
-from .stats import as_matrix, check_weight
+from .stats import as_matrix, check_weight, magnitude_histogram
+from ._fit import fit_step, prefix
 
 _F16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
 _F16_MAX = float(np.finfo(np.float16).max)
@@ -114,6 +115,7 @@ class _Context:
     method: str
     dtypes: list
     _sorted: dict = field(default_factory=dict)
+    _prefix: dict = field(default_factory=dict)
     select_seconds: float = 0.0
 
     @property
@@ -125,6 +127,13 @@ def _layer_constants(ctx: _Context, i: int, bits: int, t_norm: float | None,
                      lam: float | None, score_q: float) -> tuple[float, float]:
     """(step D, normalized kept-weight error) of layer i at its current threshold."""
     grid = ctx.grid
+    if ctx.error_model == "fitted":
+        s = ctx.scales[i]
+        live = s > 0
+        if not live.any():
+            return em.optimal_step(bits, grid), em.quantization_constant(bits, grid)
+        t = channel_thresholds(-np.inf if lam is None else lam, score_q, s[live]) / s[live]
+        return fit_step(_hist_prefix(ctx, i), bits, grid, t, s[live] * s[live])
     if ctx.error_model == "laplace":
         t = 0.0 if t_norm is None else t_norm
         return em.optimal_step(bits, grid, t), em.quantization_constant(bits, grid, t)
@@ -139,6 +148,17 @@ def _layer_constants(ctx: _Context, i: int, bits: int, t_norm: float | None,
     keep = u >= theta
     x = (u - theta)[keep] if grid == "offset" else u[keep]
     return em.empirical_optimal_step(x, bits, grid)
+
+
+def _hist_prefix(ctx, i):
+    """Running sums of layer i's |u| histogram (gathered in the statistics pass in
+    "unified" mode; one extra pass at the rounded layer scale in "layer" mode)."""
+    if i not in ctx._prefix:
+        h = ctx.stats[i].histogram
+        if h is None:
+            h = magnitude_histogram(ctx.arrays[ctx.names[i]], ctx.scales[i])
+        ctx._prefix[i] = prefix(h)
+    return ctx._prefix[i]
 
 
 def _mean_threshold(ctx, i, lam, score_q):

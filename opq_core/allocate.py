@@ -37,7 +37,14 @@ __all__ = ["LayerPlan", "Plan", "plan", "METHODS", "CHANNELWISE", "ERROR_MODELS"
 
 METHODS = ("opq", "global", "uniform")
 CHANNELWISE = ("unified", "layer")
-ERROR_MODELS = ("laplace", "empirical")
+ERROR_MODELS = ("fitted", "laplace", "empirical")
+
+#: Default floor of kept weights: every layer keeps at least ``ceil(MIN_DENSITY * n_i)``
+#: weights (its largest scores), in both modes; ``min_density=`` changes it.
+MIN_DENSITY = 0.002
+
+#: Layers pruned beyond this fraction are named in a warning and in ``Plan.message``.
+WARN_SPARSITY = 0.99
 
 # ---------------------------------------------------------------------------
 # the public entry point
@@ -49,7 +56,8 @@ _UNSET = object()
 def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
          rate: float | None = None, budget_bits: float | None = None,
          method: str = "opq", channelwise: str = "unified", grid: str = "offset",
-         error_model: str = "laplace", exclude: Sequence[str] | None = None) -> Plan:
+         error_model: str = "fitted", exclude: Sequence[str] | None = None,
+         min_density: float = MIN_DENSITY) -> Plan:
     """Plan pruning + quantization of every compressible layer from the weights alone.
 
     Parameters
@@ -60,10 +68,10 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
         are listed in ``Plan.skipped`` and left alone.
     sparsity : float in [0, 1)
         Global fraction of the compressed weights to prune (sparsity mode).
-    bits : int in 1..8, or a sequence of candidates
+    bits : int in 1..8, a sequence of candidates, or None
         Bits per kept weight. In sparsity mode an int (default 4). In budget mode
-        (``rate``/``budget_bits``) the default is every width 1..8, chosen per layer; an int
-        fixes it.
+        (``rate``/``budget_bits``) the default (also ``bits=None``, as in
+        :func:`opq_torch.compress`) is every width 1..8, chosen per layer; an int fixes it.
     rate : float > 1
         Target ``paper_rate = 32 N / sum_i bits_i nnz_i``; same as
         ``budget_bits = 32 N / rate``.
@@ -75,9 +83,23 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
         Per-channel scales ``s_c = mean|w_c|`` (one normalized codebook per layer), or one
         scale per layer.
     grid : "offset" | "symmetric"
-    error_model : "laplace" | "empirical"
-        Closed-form Laplace constants, or the same quantities measured on the weights.
+    error_model : "fitted" | "laplace" | "empirical"
+        "fitted" (default): each layer's step ``D`` and kept-weight error ``q`` are fitted
+        to its own weights on the histogram of ``|w| / s_c`` gathered in the statistics
+        pass (:mod:`opq_core._fit`; no extra read of the weights): the step minimizing the
+        measured error of the kept weights at the layer's thresholds. The thresholds come
+        from the Laplace-predicted multiplier, the steps and errors are fitted there (twice),
+        the masks are selected once, and the steps and errors are fitted again at the
+        realized thresholds (the masks stay). "laplace": the closed-form constants
+        ``c_B, D*_B`` of :mod:`opq_core.error_model`. "empirical": the same fit on the
+        weights themselves (slow; reads every layer again).
     exclude : names of tensors not to compress.
+    min_density : float in [0, 1)
+        Floor of kept weights: every layer with a non-zero weight keeps at least
+        ``ceil(min_density * n_i)`` of them (default ``MIN_DENSITY`` = 0.2 %), in both
+        modes, so that no layer silently collapses. Layers pruned beyond 99 % are named in
+        a ``UserWarning`` and in ``Plan.message``. In sparsity mode the floor can make the
+        plan prune fewer weights than asked (status 1, said in the message).
 
     Returns
     -------
@@ -107,6 +129,11 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
     t0 = time.perf_counter()
     sparsity, bits_set, budget = _check_args(weights, sparsity, bits, rate, budget_bits,
                                              method, channelwise, grid, error_model)
+    if isinstance(min_density, bool) or not isinstance(min_density, (int, float, np.floating,
+                                                                      np.integer)):
+        raise TypeError(f"min_density must be a number in [0, 1), got {min_density!r}")
+    if not 0.0 <= float(min_density) < 1.0:
+        raise ValueError(f"min_density must be in [0, 1), got {min_density!r}")
     names, skipped = _select_layers(weights, exclude)
     # A lazy source (a file opened with opq_core.open_weights) is read again tensor by
     # tensor on every pass instead of being held: peak memory is bounded by the largest
@@ -120,17 +147,20 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
         if not lazy:
             arrays[name] = arr
         dtypes.append(str(np.dtype(arr.dtype)))
-        stats.append(layer_stats(name, arr))
+        stats.append(layer_stats(name, arr, histogram=(error_model == "fitted"
+                                                       and channelwise == "unified")))
         del arr
     t1 = time.perf_counter()
     scales = [_round_scales(st.channel_scale if channelwise == "unified"
                             else np.full(st.channels, st.scale)) for st in stats]
     ctx = _Context(names, arrays, stats, scales, grid, error_model, method, dtypes)
+    ctx.floors = _floors(ctx, float(min_density))
     if budget is None:
         layers, lam, status, message = _solve_sparsity(ctx, sparsity, bits_set[0])
         min_budget = None
     else:
         layers, lam, status, message, min_budget = _solve_budget(ctx, budget, bits_set)
+    message = _warn_collapse(layers, ctx, message)
     t2 = time.perf_counter()
     if budget is not None:
         budget = budget[1] if budget[0] == "bits" else rate_budget_bits(int(ctx.sizes.sum()), budget[1])
@@ -165,7 +195,10 @@ def _check_args(weights, sparsity, bits, rate, budget_bits, method, channelwise,
         raise ValueError("give sparsity= (e.g. 0.9) or rate= (e.g. 100) or budget_bits=")
     if budget_mode and method == "uniform":
         raise ValueError("method='uniform' takes sparsity=, not a size budget")
-    if bits is _UNSET:
+    if bits is None and not budget_mode:
+        raise ValueError("bits=None (every layer chooses its width) needs rate= or budget_bits=; "
+                         "give bits= (e.g. 4) with sparsity=")
+    if bits is _UNSET or bits is None:
         bits_set = tuple(range(1, 9)) if budget_mode else (4,)
     elif isinstance(bits, (list, tuple, range)):
         if not budget_mode:
@@ -234,6 +267,15 @@ def _solve_sparsity(ctx: _Context, sparsity: float, bits: int):
     score_q = qn if use_q else np.zeros(L)
     lams = np.full(L, -np.inf)
     n_iter = 1 if (ctx.grid == "offset" and ctx.error_model == "laplace") else 3
+    if ctx.error_model == "fitted":
+        # fit at the thresholds of the predicted multiplier (twice: the multiplier moves
+        # with the fitted errors), select the masks once, refit at the realized thresholds
+        for _ in range(2):
+            alam = _analytic_lambda(ctx, score_q, sparsity)
+            for i in range(L):
+                steps[i], qn[i] = _layer_constants(ctx, i, bits, None, alam, score_q[i])
+            score_q = qn.copy() if use_q else np.zeros(L)
+        n_iter = 1
     for it in range(n_iter):
         kept, lams, glam, perr, ps2 = _realize_sparsity(ctx, sparsity, score_q)
         if it == n_iter - 1:
@@ -243,6 +285,10 @@ def _solve_sparsity(ctx: _Context, sparsity: float, bits: int):
             t_mean = _mean_threshold(ctx, i, lams[i], score_q[i])
             steps[i], qn[i] = _layer_constants(ctx, i, bits, t_mean, lams[i], score_q[i])
         score_q = qn if use_q else np.zeros(L)
+    if ctx.error_model == "fitted":
+        qn = qn.copy()
+        for i in range(L):
+            steps[i], qn[i] = _layer_constants(ctx, i, bits, None, lams[i], score_q[i])
     if ctx.method == "uniform":
         pred = np.full(L, float(sparsity))
     else:
@@ -256,18 +302,39 @@ def _solve_sparsity(ctx: _Context, sparsity: float, bits: int):
     if ctx.method == "uniform" and total_pruned != want:
         status = 1
         msg += "; the uniform baseline rounds per layer"
+    elif total_pruned < want:
+        status = 1
+        msg += ("; the floor of kept weights per layer (min_density) keeps "
+                f"{want - total_pruned} more")
     elif total_pruned != want:
         status = 1
         msg += "; all-zero channels are pruned whole, beyond the target"
-    emptied = [lp.name for lp, st in zip(layers, ctx.stats) if lp.kept == 0 and st.scale > 0]
-    if emptied:
-        # the global rule may empty a layer whose weights are all small: legal, but it cuts
-        # the network's signal path, so say it (exclude= keeps such a layer dense)
-        names = ", ".join(emptied[:5]) + (f" and {len(emptied) - 5} more" if len(emptied) > 5 else "")
-        msg += f"; layers pruned entirely: {names}"
-        warnings.warn(f"plan: the global rule prunes every weight of {names}; exclude them "
-                      "or lower the sparsity to keep them", UserWarning, stacklevel=3)
     return layers, glam, status, msg
+
+
+def _floors(ctx, min_density):
+    """Kept-weight floor per layer: ceil(min_density n_i), at most its live weights."""
+    out = np.zeros(len(ctx.names), dtype=np.int64)
+    for i, st in enumerate(ctx.stats):
+        live = int(np.count_nonzero(ctx.scales[i] > 0)) * (st.n // max(st.channels, 1))
+        out[i] = min(live, math.ceil(min_density * st.n - 1e-9)) if min_density > 0 else 0
+    return out
+
+
+def _warn_collapse(layers, ctx, msg):
+    """Name every layer (with a non-zero weight) pruned beyond WARN_SPARSITY."""
+    bad = [(lp.name, lp.sparsity) for lp, st in zip(layers, ctx.stats)
+           if st.scale > 0 and lp.sparsity > WARN_SPARSITY]
+    if not bad:
+        return msg
+    names = ", ".join(f"{n} ({100 * sp:.2f} %)" for n, sp in bad)
+    emptied = [n for n, sp in bad if sp >= 1.0]
+    msg += f"; {len(bad)} layer(s) pruned beyond {100 * WARN_SPARSITY:g} %: {names}"
+    extra = (f"; it prunes every weight of {', '.join(emptied)}" if emptied else "")
+    warnings.warn(f"plan: {len(bad)} layer(s) pruned beyond {100 * WARN_SPARSITY:g} %: {names}"
+                  f"{extra}; exclude them, raise min_density or lower the compression to keep "
+                  "more", UserWarning, stacklevel=3)
+    return msg
 
 def _realize_sparsity(ctx: _Context, sparsity: float, score_q: np.ndarray):
     """Exact-count masks: (kept, lam per layer, global lam, pruning error, pruned s^2)."""
@@ -287,7 +354,8 @@ def _realize_sparsity(ctx: _Context, sparsity: float, score_q: np.ndarray):
         perr = np.zeros(L)
         ps2 = np.zeros(L)
         for i in range(L):
-            k = max(round(sparsity * int(sizes[i])), int(n_dead[i]))
+            k = max(min(round(sparsity * int(sizes[i])), int(sizes[i] - ctx.floors[i])),
+                    int(n_dead[i]))
             t0 = time.perf_counter()
             sel = select_global([ws[i]], [qcs[i]], [s2s[i]], [deads[i]], k,
                                 sizes=sizes[i:i + 1])
@@ -298,10 +366,42 @@ def _realize_sparsity(ctx: _Context, sparsity: float, score_q: np.ndarray):
             ps2[i] = sel.pruned_s2[0]
         return kept, lams, -np.inf, perr, ps2
     N = int(sizes.sum())
+    floors = getattr(ctx, "floors", np.zeros(L, dtype=np.int64))
     k = max(round(sparsity * N), int(n_dead.sum()))
-    t0 = time.perf_counter()
-    sel = select_global(ws, qcs, s2s, deads, k, sizes=sizes)
-    ctx.select_seconds += time.perf_counter() - t0
-    kept = sizes - sel.pruned
-    lams = np.full(L, sel.lam)
-    return kept, lams, sel.lam, sel.pruning_error, sel.pruned_s2
+    k = min(k, N - int(floors.sum()))  # the floor wins over the target
+    # layers that the global selection would leave below their floor keep exactly the
+    # floor (their own threshold); the others share the global one. Repeat until none
+    # falls below (a layer fixed at its floor stays fixed).
+    fixed = np.zeros(L, dtype=bool)
+    kept = np.zeros(L, dtype=np.int64)
+    lams = np.full(L, -np.inf)
+    perr = np.zeros(L)
+    ps2 = np.zeros(L)
+    glam = -np.inf
+    while True:
+        free = np.flatnonzero(~fixed)
+        k_free = k - int(np.sum(sizes[fixed] - floors[fixed]))
+        t0 = time.perf_counter()
+        sel = select_global([ws[i] for i in free], [qcs[i] for i in free],
+                            [s2s[i] for i in free], [deads[i] for i in free],
+                            max(k_free, 0), sizes=sizes[free])
+        ctx.select_seconds += time.perf_counter() - t0
+        kept[free] = sizes[free] - sel.pruned
+        lams[free] = sel.lam
+        perr[free] = sel.pruning_error
+        ps2[free] = sel.pruned_s2
+        glam = sel.lam
+        low = free[kept[free] < floors[free]]
+        if low.size == 0:
+            break
+        fixed[low] = True
+        for i in low:
+            t0 = time.perf_counter()
+            one = select_global([ws[i]], [qcs[i]], [s2s[i]], [deads[i]],
+                                int(sizes[i] - floors[i]), sizes=sizes[i:i + 1])
+            ctx.select_seconds += time.perf_counter() - t0
+            kept[i] = floors[i]
+            lams[i] = one.lam
+            perr[i] = one.pruning_error[0]
+            ps2[i] = one.pruned_s2[0]
+    return kept, lams, glam, perr, ps2

@@ -295,7 +295,7 @@ def _untie(mod):
 # --------------------------------------------------------------------------------------
 
 def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=None,
-             method="opq", channelwise="unified", grid="offset", error_model="laplace",
+             method="opq", channelwise="unified", grid="offset", error_model="fitted",
              exclude=None, masks=None) -> Plan:
     r"""Plan (or take a plan) and install it: prune + quantize every compressible tensor.
 
