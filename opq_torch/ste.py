@@ -47,7 +47,9 @@ import torch
 from opq_core import kernels as _k
 from opq_core._jit import PARALLEL_MIN_SIZE as _PARALLEL_MIN_SIZE
 
-__all__ = ["KERNEL_THREADS", "FakeQuantSTE", "CodebookSTE", "fake_quant_ste", "fake_quant_codebook_ste",
+from . import _buffers
+
+__all__ = ["KERNEL_THREADS", "kernel_threads", "FakeQuantSTE", "CodebookSTE", "fake_quant_ste", "fake_quant_codebook_ste",
            "fake_quant_torch", "fake_quant_codebook_torch", "codebook_midpoints",
            "ste_backward_torch"]
 
@@ -184,29 +186,55 @@ def ste_backward_torch(grad, mask):
 # CPU: the opq_core kernels through NumPy views
 # --------------------------------------------------------------------------------------
 
-#: Numba threads of the CPU kernels called from autograd (``None``: Numba's setting).
-#: The default 1 keeps them on the calling thread: inside a training step torch's own
-#: OpenMP pool owns the cores, and a second (Numba) pool waking up for a memory-bound
-#: elementwise pass costs more than it saves (see benchmarks/bench_train.py).
-KERNEL_THREADS: int | None = 1
+#: Numba threads of the CPU kernels called from autograd: ``None`` (default) picks them per
+#: call with :func:`kernel_threads`; an int fixes the count for every call.
+KERNEL_THREADS: int | None = None
+
+#: Elements each Numba thread must get before one more thread is woken (:func:`kernel_threads`).
+ELEMENTS_PER_THREAD = 1 << 20
+
+
+def kernel_threads(numel: int) -> int:
+    r"""Numba threads for one CPU kernel call on a tensor of ``numel`` elements.
+
+    .. math:: T = \max(1, \min(T_{\max}, \lfloor n / 2^{20} \rfloor)),\qquad
+              T_{\max} = \min(\text{Numba's threads}, \text{torch.get\_num\_threads()})
+
+    A pass over a tensor is memory-bound and short: waking a thread costs tens of
+    microseconds, and right after a torch operator torch's own OpenMP threads are still
+    spinning on the same cores. Below about a million elements per thread (a few MB, well
+    under a millisecond per pass) the extra threads cost more than they bring, so the layers
+    of a small CNN (all under 1 M weights) stay on the calling thread inside a training step,
+    while a lone 25 M-weight layer gets every core. ``torch.get_num_threads()`` caps the
+    count, so a process that limited torch to ``k`` threads gets at most ``k`` here too.
+    :data:`KERNEL_THREADS` overrides the rule (benchmarks/bench_kernels.py measures both).
+
+    >>> kernel_threads(1000)
+    1
+    """
+    if KERNEL_THREADS is not None:
+        return max(1, int(KERNEL_THREADS))
+    cap = min(int(numba.config.NUMBA_NUM_THREADS), int(torch.get_num_threads()))
+    return max(1, min(cap, int(numel) // ELEMENTS_PER_THREAD))
 
 
 class _kernel_threads:
-    """Run Numba's parallel kernels with :data:`KERNEL_THREADS` threads (big tensors only;
-    smaller ones use the serial kernels anyway)."""
+    """Run Numba's parallel kernels with :func:`kernel_threads` threads (big tensors only;
+    smaller ones use the serial kernels anyway); the previous setting is restored."""
 
     __slots__ = ("n", "prev")
 
     def __init__(self, numel):
-        self.n = KERNEL_THREADS if numel >= _PARALLEL_MIN_SIZE else None
+        self.n = kernel_threads(numel) if numel >= _PARALLEL_MIN_SIZE else None
         self.prev = None
 
     def __enter__(self):
         if self.n is not None:
             prev = numba.get_num_threads()
-            if prev != self.n:
+            n = min(self.n, numba.config.NUMBA_NUM_THREADS)
+            if prev != n:
                 self.prev = prev
-                numba.set_num_threads(min(self.n, numba.config.NUMBA_NUM_THREADS))
+                numba.set_num_threads(n)
 
     def __exit__(self, *exc):
         if self.prev is not None:
@@ -222,8 +250,10 @@ def _np(t):
 def _fq_cpu(w, mask, scale, threshold, step, bits, grid):
     cdt = _compute_dtype(w.dtype)
     x = w if w.dtype == cdt else w.to(cdt)
+    xn = _np(x)
+    out = _buffers.take(xn.shape, xn.dtype)
     with _kernel_threads(x.numel()):
-        out = _k.fake_quant(_np(x), _np(mask), _np(scale), _np(threshold), step, bits, grid)
+        _k.fake_quant(xn, _np(mask), _np(scale), _np(threshold), step, bits, grid, out=out)
     y = torch.from_numpy(out)
     return y if y.dtype == w.dtype else y.to(w.dtype)
 
@@ -258,8 +288,11 @@ def _fqc_cpu(w, mask, codebook):
 def _ste_cpu(grad, mask):
     if grad.dtype not in (torch.float32, torch.float64):
         return ste_backward_torch(grad, mask)
+    gn = _np(grad)
+    out = _buffers.take(gn.shape, gn.dtype)
     with _kernel_threads(grad.numel()):
-        return torch.from_numpy(_k.ste_backward(_np(grad), _np(mask)))
+        _k.ste_backward(gn, _np(mask), out=out)
+    return torch.from_numpy(out)
 
 
 # --------------------------------------------------------------------------------------
