@@ -76,6 +76,85 @@ def _channels_view(v, ndim):
     return v.reshape((v.shape[0],) + (1,) * (ndim - 1))
 
 
+#: Smallest block of the eager torch-ops formulas, in elements; a tensor is cut into at most
+#: :data:`TORCH_BLOCKS` blocks (bigger ones for big tensors), so the float64 temporaries of a
+#: block (about ten of them) stay near a fifth of the weight's bytes and the per-block
+#: Python overhead stays bounded.
+TORCH_CHUNK = 1 << 16
+TORCH_BLOCKS = 64
+
+#: Use ``torch.compile`` (one fused Triton kernel) for the torch-ops formulas on CUDA when
+#: Triton is installed; False keeps the eager blocks everywhere.
+TORCH_COMPILE = True
+
+
+def _fq_block(x, m, s, th, d: float, kmax: float, symmetric: bool, cdt: torch.dtype):
+    """The formula on one block: ``x`` (R, M) in any float dtype, ``s``/``th`` (R, 1) float64."""
+    x = x.to(cdt).to(torch.float64)
+    sd = s * d
+    a = x.abs()
+    if symmetric:
+        kf = torch.round(a / sd)  # half to even, as rint
+    else:
+        kf = torch.floor((a - th) / sd) + 1.0
+    kf = torch.where(kf > kmax, kmax, kf)
+    kf = torch.where(kf >= 1.0, kf, 1.0)  # NaN -> 1, as in the kernel
+    if symmetric:
+        level = kf * sd
+    else:
+        level = th + s * ((kf - 0.5) * d)
+    val = torch.where(x >= 0.0, level, -level)
+    val = torch.where(torch.isnan(x), x, val)
+    return torch.where(m, val, 0.0).to(cdt)
+
+
+def _cb_block(x, m, c, mids, cdt: torch.dtype):
+    x = x.to(cdt).to(torch.float64)
+    idx = torch.bucketize(x, mids, right=False)
+    return torch.where(m, c[idx], 0.0).to(cdt)
+
+
+_compiled = {}
+
+
+def _compiled_fn(name, fn):
+    """``torch.compile(fn)`` on CUDA with Triton, else None (cached per name)."""
+    if name not in _compiled:
+        got = None
+        try:
+            importlib.import_module("triton")
+            got = torch.compile(fn, dynamic=True, fullgraph=True,
+                                options={"emulate_precision_casts": True})
+        except Exception:  # no Triton / no inductor backend: eager blocks
+            got = None
+        _compiled[name] = got
+    return _compiled[name]
+
+
+def _use_compile(t):
+    return TORCH_COMPILE and t.device.type == "cuda" and not torch.compiler.is_compiling()
+
+
+def _blocks(c, n):
+    """(row slice, column slice) blocks of a (c, n) view: at most ``max(TORCH_CHUNK,
+    c * n / TORCH_BLOCKS)`` elements each."""
+    chunk = max(1, int(TORCH_CHUNK), -(-c * n // max(1, int(TORCH_BLOCKS))))
+    if n <= chunk:
+        rows = max(1, chunk // max(n, 1))
+        for r in range(0, c, rows):
+            yield slice(r, min(c, r + rows)), slice(0, n)
+    else:
+        for r in range(c):
+            for j in range(0, n, chunk):
+                yield slice(r, r + 1), slice(j, min(n, j + chunk))
+
+
+def _rows_view(t):
+    c = t.shape[0] if t.dim() else 1
+    n = t.numel() // c if c else 0
+    return t.reshape(c, n)
+
+
 def fake_quant_torch(w, mask, scale, threshold, step, bits, grid="offset"):
     r"""Prune + fake-quantize in torch ops, float64, bit for bit :func:`opq_core.kernels.fake_quant`.
 
@@ -91,6 +170,13 @@ def fake_quant_torch(w, mask, scale, threshold, step, bits, grid="offset"):
     The operations and their order are the kernel's, so on finite and infinite inputs the
     result equals the kernel's on every device. A kept NaN weight gives NaN here (the CPU
     kernel raises ValueError instead).
+
+    Memory: the only tensor of the weight's size is the output. Eagerly the formula runs on
+    blocks (:data:`TORCH_CHUNK`, :data:`TORCH_BLOCKS`: rows of the ``(C, fan-in)`` view, or
+    pieces of one row), so its float64 temporaries stay a fraction of the weight; on CUDA,
+    when Triton is available, it is one ``torch.compile``'d kernel over the whole tensor
+    (:data:`TORCH_COMPILE`), compiled without FMA contraction so that it rounds like the
+    separate operations.
 
     Parameters
     ----------
@@ -116,28 +202,23 @@ def fake_quant_torch(w, mask, scale, threshold, step, bits, grid="offset"):
     if grid not in _GRID_IDS:
         raise ValueError(f"fake_quant: grid must be 'offset' or 'symmetric', got {grid!r}")
     cdt = _compute_dtype(w.dtype)
-    x = w.to(cdt).to(torch.float64)
-    nd = x.dim()
-    s = _channels_view(scale.to(device=x.device, dtype=torch.float64), nd)
-    th = _channels_view(threshold.to(device=x.device, dtype=torch.float64), nd)
     d = float(step)
     kmax = float(1 << (int(bits) - 1))
-    sd = s * d
-    a = x.abs()
-    if grid == "offset":
-        kf = torch.floor((a - th) / sd) + 1.0
-    else:
-        kf = torch.round(a / sd)  # half to even, as rint
-    kf = torch.where(kf > kmax, kmax, kf)
-    kf = torch.where(kf >= 1.0, kf, 1.0)  # NaN -> 1, as in the kernel
-    if grid == "offset":
-        level = th + s * ((kf - 0.5) * d)
-    else:
-        level = kf * sd
-    val = torch.where(x >= 0.0, level, -level)
-    val = torch.where(torch.isnan(x), x, val)
-    out = torch.where(mask, val, 0.0)
-    return out.to(cdt).to(w.dtype)
+    sym = grid == "symmetric"
+    x2 = _rows_view(w)
+    m2 = _rows_view(mask.to(device=w.device))
+    c = x2.shape[0]
+    s = scale.to(device=w.device, dtype=torch.float64).reshape(c, 1)
+    th = threshold.to(device=w.device, dtype=torch.float64).reshape(c, 1)
+    if _use_compile(w):
+        fn = _compiled_fn("fq", _fq_block)
+        if fn is not None:
+            return fn(x2, m2, s, th, d, kmax, sym, cdt).to(w.dtype).reshape(w.shape)
+    out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    o2 = out.view(x2.shape)
+    for rs, cs in _blocks(*x2.shape):
+        o2[rs, cs] = _fq_block(x2[rs, cs], m2[rs, cs], s[rs], th[rs], d, kmax, sym, cdt)
+    return out
 
 
 def codebook_midpoints(codebook):
@@ -160,7 +241,8 @@ def fake_quant_codebook_torch(w, mask, codebook):
 
         i(w) = \#\{j : m_j < w\},\qquad \hat w = [\text{mask}]\; c_{i(w)}
 
-    The centroid (float64) is rounded to float32 and then to ``w``'s dtype.
+    The centroid (float64) is rounded to float32 and then to ``w``'s dtype. Memory and
+    devices as in :func:`fake_quant_torch`.
 
     >>> w = torch.tensor([[-0.25, 0.3, 3.0]])
     >>> cb = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)
@@ -171,10 +253,18 @@ def fake_quant_codebook_torch(w, mask, codebook):
     c = codebook.to(device=w.device, dtype=torch.float64)
     if c.numel() == 0:
         return torch.zeros_like(w)
-    x = w.to(cdt).to(torch.float64)
-    idx = torch.bucketize(x, codebook_midpoints(c), right=False)
-    out = torch.where(mask, c[idx], 0.0)
-    return out.to(cdt).to(w.dtype)
+    mids = codebook_midpoints(c)
+    x2 = _rows_view(w)
+    m2 = _rows_view(mask.to(device=w.device))
+    if _use_compile(w):
+        fn = _compiled_fn("cb", _cb_block)
+        if fn is not None:
+            return fn(x2, m2, c, mids, cdt).to(w.dtype).reshape(w.shape)
+    out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    o2 = out.view(x2.shape)
+    for rs, cs in _blocks(*x2.shape):
+        o2[rs, cs] = _cb_block(x2[rs, cs], m2[rs, cs], c, mids, cdt)
+    return out
 
 
 def ste_backward_torch(grad, mask):

@@ -111,3 +111,65 @@ def test_kernel_threads_rule(monkeypatch):
         torch.set_num_threads(old)
     monkeypatch.setattr(ste, "KERNEL_THREADS", 3)
     assert ste.kernel_threads(10) == 3
+
+
+# ---------------------------------------------------------------------------- torch-ops path
+
+def _awkward(seed, shape, grid, bits, dtype):
+    w, m, s, th = _case(seed, shape, torch.float64)
+    step = 0.6519
+    flat = w.reshape(shape[0], -1)
+    sd = s * step
+    k = torch.arange(shape[0]) % (1 << (bits - 1))
+    flat[:, 0] = th + k * sd if grid == "offset" else (k + 0.5) * sd  # exact ties
+    w.reshape(-1)[:4] = torch.tensor([0.0, -0.0, float("inf"), float("-inf")])
+    return w.to(dtype), m, s, th, step
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (5, 3000), (1, 7001), (4000,), (9, 4, 3, 3)])
+@pytest.mark.parametrize("grid", ["offset", "symmetric"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_blocked_torch_formula_equals_the_kernel(shape, grid, dtype, monkeypatch):
+    """Many small blocks (rows, and pieces of a row) give the kernel's bits."""
+    monkeypatch.setattr(ste, "TORCH_CHUNK", 500)
+    monkeypatch.setattr(ste, "TORCH_BLOCKS", 10 ** 6)
+    for bits in (1, 3, 8):
+        w, m, s, th, step = _awkward(bits, shape, grid, bits, dtype)
+        got = ste.fake_quant_torch(w, m, s, th, step, bits, grid)
+        want = ste.fake_quant_ste(w, m, s, th, step, bits, grid)  # the CPU kernel
+        assert got.dtype == dtype and got.shape == w.shape
+        assert torch.equal(got, want)
+        assert torch.equal(torch.signbit(got), torch.signbit(want))
+
+
+def test_blocked_codebook_formula_equals_the_kernel(monkeypatch):
+    monkeypatch.setattr(ste, "TORCH_CHUNK", 300)
+    monkeypatch.setattr(ste, "TORCH_BLOCKS", 10 ** 6)
+    rng = np.random.default_rng(3)
+    cb = torch.tensor([-1.25, -0.5, 0.25, 0.75, 2.0], dtype=torch.float64)
+    w = torch.tensor(rng.laplace(size=(6, 1000)), dtype=torch.float32)
+    w[0, :4] = torch.tensor([-0.875, -0.125, 0.5, 1.375])  # the midpoints
+    m = torch.from_numpy(rng.random((6, 1000)) < 0.5)
+    assert torch.equal(ste.fake_quant_codebook_torch(w, m, cb),
+                       ste.fake_quant_codebook_ste(w, m, cb))
+
+
+def _peak_extra_bytes(fn):
+    """Peak bytes torch's CPU allocator held during ``fn()`` above what it held before."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak, len(events)
+
+
+def test_torch_formula_peak_memory_is_under_twice_the_weight():
+    w, m, s, th = _case(4, (2048, 2048))
+    peak, n_events = _peak_extra_bytes(lambda: ste.fake_quant_torch(w, m, s, th, 0.5, 4))
+    assert n_events > 0  # the profiler saw the allocations
+    assert w.nbytes <= peak <= 2 * w.nbytes  # the output, plus small blocks
