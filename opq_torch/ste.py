@@ -131,6 +131,22 @@ def _compiled_fn(name, fn):
     return _compiled[name]
 
 
+def _run_compiled(name, fn, *args):
+    """The compiled ``fn`` on ``args``, or None (then the eager blocks run): no Triton, or a
+    compile error, which is reported once and turns the compiled path off for ``name``."""
+    f = _compiled_fn(name, fn)
+    if f is None:
+        return None
+    try:
+        return f(*args)
+    except Exception as e:  # an inductor/Triton failure must not stop training
+        import warnings
+        warnings.warn(f"opq_torch: torch.compile of the {name} formula failed ({e!r}); "
+                      f"using the eager torch ops", RuntimeWarning, stacklevel=3)
+        _compiled[name] = None
+        return None
+
+
 def _use_compile(t):
     return TORCH_COMPILE and t.device.type == "cuda" and not torch.compiler.is_compiling()
 
@@ -211,9 +227,9 @@ def fake_quant_torch(w, mask, scale, threshold, step, bits, grid="offset"):
     s = scale.to(device=w.device, dtype=torch.float64).reshape(c, 1)
     th = threshold.to(device=w.device, dtype=torch.float64).reshape(c, 1)
     if _use_compile(w):
-        fn = _compiled_fn("fq", _fq_block)
-        if fn is not None:
-            return fn(x2, m2, s, th, d, kmax, sym, cdt).to(w.dtype).reshape(w.shape)
+        y = _run_compiled("fq", _fq_block, x2, m2, s, th, d, kmax, sym, cdt)
+        if y is not None:
+            return y.to(w.dtype).reshape(w.shape)
     out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     o2 = out.view(x2.shape)
     for rs, cs in _blocks(*x2.shape):
@@ -257,9 +273,9 @@ def fake_quant_codebook_torch(w, mask, codebook):
     x2 = _rows_view(w)
     m2 = _rows_view(mask.to(device=w.device))
     if _use_compile(w):
-        fn = _compiled_fn("cb", _cb_block)
-        if fn is not None:
-            return fn(x2, m2, c, mids, cdt).to(w.dtype).reshape(w.shape)
+        y = _run_compiled("cb", _cb_block, x2, m2, c, mids, cdt)
+        if y is not None:
+            return y.to(w.dtype).reshape(w.shape)
     out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     o2 = out.view(x2.shape)
     for rs, cs in _blocks(*x2.shape):

@@ -111,24 +111,38 @@ def _varint_len(g):
 
 
 @jit()
+def _varint_len_nb(g):
+    """Bytes of the varint of ``g >= 0``, without branches (g < 2**63)."""
+    return (1 + (g >= 128) + (g >= 16384) + (g >= 2097152) + (g >= 268435456)
+            + (g >= 34359738368) + (g >= 4398046511104) + (g >= 562949953421312)
+            + (g >= 72057594037927936))
+
+
+@jit()
 def _gap_scan_block(m, lo, hi, first, last, cnt, nbytes, b):
     """First/last kept position of the block, its kept count, and the varint bytes of the
-    gaps inside the block (not the gap to the previous block)."""
-    f = -1
-    p = -1
+    gaps of its kept positions, the first one counted from the block's start (corrected
+    in :func:`_gap_offsets`). Branch-free: ``run`` is the number of pruned entries since
+    the last kept one (or the block's start)."""
+    mm = m[lo:hi]
+    run = 0
     c = 0
     nby = 0
-    mm = m[lo:hi]
+    last_j = -1
     for j in range(mm.shape[0]):
-        if mm[j]:
-            if p >= 0:
-                nby += _varint_len(j - p - 1)
-            else:
+        k = np.int64(mm[j])
+        nby += k * _varint_len_nb(run)
+        c += k
+        last_j = j if k else last_j
+        run = (run + 1) & (k - 1)
+    f = -1
+    if c:
+        for j in range(mm.shape[0]):
+            if mm[j]:
                 f = j
-            p = j
-            c += 1
+                break
     first[b] = f + lo if f >= 0 else -1
-    last[b] = p + lo if p >= 0 else -1
+    last[b] = last_j + lo if last_j >= 0 else -1
     cnt[b] = c
     nbytes[b] = nby
 
@@ -144,7 +158,7 @@ _gap_scan, _gap_scan_par = twins(_gap_scan)
 
 
 @jit()
-def _gap_offsets(first, last, nbytes, lead, offsets):
+def _gap_offsets(first, last, nbytes, lead, offsets, block):
     """Serial prefix over blocks: the gap leading each block's first kept position, and
     the byte offset where the block writes. Returns the total byte count."""
     prev = -1
@@ -156,7 +170,8 @@ def _gap_offsets(first, last, nbytes, lead, offsets):
             continue
         g = first[b] - prev - 1
         lead[b] = g
-        at += _varint_len(g) + nbytes[b]
+        # the scan counted the first gap from the block's start
+        at += _varint_len(g) + nbytes[b] - _varint_len(first[b] - b * block)
         prev = last[b]
     return at
 
@@ -172,25 +187,35 @@ def _put_varint(out, at, g):
 
 
 @jit()
-def _gap_write_block(m, lo, hi, lead, at, out):
+def _gap_write_block(m, lo, last, lead, at, out):
+    """Varints of the kept positions lo..last (inclusive, ``last`` kept). Short gaps take
+    a branch-free path: the byte is stored at ``at`` whatever the entry, and ``at`` only
+    moves on a kept one; stores for pruned entries land on a byte that a later kept entry
+    of this block overwrites, since ``last`` is kept."""
     if lead < 0:
         return
-    p = -1
-    mm = m[lo:hi]
+    mm = m[lo:last + 1]
+    # ``run`` = pruned entries since the previous kept one; before the first kept entry of
+    # the block it continues the gap from the previous block
+    first = 0
+    while not mm[first]:
+        first += 1
+    run = lead - first
     for j in range(mm.shape[0]):
-        if mm[j]:
-            if p < 0:
-                at = _put_varint(out, at, lead)
-            else:
-                at = _put_varint(out, at, j - p - 1)
-            p = j
+        k = np.int64(mm[j])
+        g = run
+        if g < 128:
+            out[at] = np.uint8(g)
+            at += k
+        elif k:
+            at = _put_varint(out, at, g)
+        run = (run + 1) & (k - 1)
 
 
-def _gap_write(m, lead, offsets, out):
-    n = m.shape[0]
+def _gap_write(m, lead, offsets, last, out):
     for b in prange(lead.shape[0]):
         lo = b * _BLOCK
-        _gap_write_block(m, lo, min(lo + _BLOCK, n), lead[b], offsets[b], out)
+        _gap_write_block(m, lo, last[b], lead[b], offsets[b], out)
 
 
 _gap_write, _gap_write_par = twins(_gap_write)
@@ -206,8 +231,8 @@ def _gap_plan(m):
     (_gap_scan_par if par else _gap_scan)(m, first, last, cnt, nbytes)
     lead = np.empty(nb, np.int64)
     offsets = np.empty(nb, np.int64)
-    total = int(_gap_offsets(first, last, nbytes, lead, offsets))
-    return lead, offsets, total, par, int(cnt.sum())
+    total = int(_gap_offsets(first, last, nbytes, lead, offsets, _BLOCK))
+    return lead, offsets, last, total, par, int(cnt.sum())
 
 
 def gap_encode(mask):
@@ -223,9 +248,9 @@ def gap_encode(mask):
     """
     fn = "gap_encode"
     m = _check_bool(fn, "mask", mask, None).reshape(-1)
-    lead, offsets, total, par, _ = _gap_plan(m)
+    lead, offsets, last, total, par, _ = _gap_plan(m)
     out = np.empty(total, dtype=np.uint8)
-    (_gap_write_par if par else _gap_write)(m, lead, offsets, out)
+    (_gap_write_par if par else _gap_write)(m, lead, offsets, last, out)
     return out
 
 
@@ -320,5 +345,5 @@ def mask_coding_cost(mask):
     """
     fn = "mask_coding_cost"
     m = _check_bool(fn, "mask", mask, None).reshape(-1)
-    _, _, total, _, kept = _gap_plan(m)
+    _, _, _, total, _, kept = _gap_plan(m)
     return MaskCodingCost(n=int(m.size), kept=kept, bitmask=(m.size + 7) // 8, gap=total)
