@@ -77,11 +77,11 @@ def _channels_view(v, ndim):
 
 
 #: Smallest block of the eager torch-ops formulas, in elements; a tensor is cut into at most
-#: :data:`TORCH_BLOCKS` blocks (bigger ones for big tensors), so the float64 temporaries of a
-#: block (about ten of them) stay near a fifth of the weight's bytes and the per-block
-#: Python overhead stays bounded.
+#: :data:`TORCH_BLOCKS` blocks (bigger ones for big tensors), so the temporaries of a block
+#: (three float64 arrays and two bool ones, in-place operations otherwise) stay under half
+#: the weight's bytes and the per-block overhead (a dozen operator calls) stays bounded.
 TORCH_CHUNK = 1 << 16
-TORCH_BLOCKS = 64
+TORCH_BLOCKS = 16
 
 #: Use ``torch.compile`` (one fused Triton kernel) for the torch-ops formulas on CUDA when
 #: Triton is installed; False keeps the eager blocks everywhere.
@@ -106,6 +106,26 @@ def _fq_block(x, m, s, th, d: float, kmax: float, symmetric: bool, cdt: torch.dt
     val = torch.where(x >= 0.0, level, -level)
     val = torch.where(torch.isnan(x), x, val)
     return torch.where(m, val, 0.0).to(cdt)
+
+
+def _fq_block_eager(x, m, s, th, d: float, kmax: float, symmetric: bool, cdt: torch.dtype):
+    """:func:`_fq_block` with in-place operations (three float64 temporaries of the block):
+    the same operations in the same order, so the same bits."""
+    x = x.to(cdt).to(torch.float64)
+    a = x.abs()
+    if symmetric:
+        a.div_(s * d).round_()  # half to even, as rint
+    else:
+        a.sub_(th).div_(s * d).floor_().add_(1.0)
+    # where(kf > K, K, kf) then where(kf >= 1, kf, 1): NaN and -inf -> 1, +inf -> K
+    a.nan_to_num_(nan=1.0, posinf=kmax, neginf=1.0).clamp_(1.0, kmax)
+    if symmetric:
+        a.mul_(s * d)
+    else:
+        a.sub_(0.5).mul_(d).mul_(s).add_(th)
+    torch.where(x >= 0.0, a, a.neg(), out=a)
+    torch.where(torch.isnan(x), x, a, out=a)
+    return torch.where(m, a, 0.0).to(cdt)
 
 
 def _cb_block(x, m, c, mids, cdt: torch.dtype):
@@ -233,7 +253,7 @@ def fake_quant_torch(w, mask, scale, threshold, step, bits, grid="offset"):
     out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     o2 = out.view(x2.shape)
     for rs, cs in _blocks(*x2.shape):
-        o2[rs, cs] = _fq_block(x2[rs, cs], m2[rs, cs], s[rs], th[rs], d, kmax, sym, cdt)
+        o2[rs, cs] = _fq_block_eager(x2[rs, cs], m2[rs, cs], s[rs], th[rs], d, kmax, sym, cdt)
     return out
 
 
