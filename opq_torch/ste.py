@@ -238,6 +238,7 @@ def fake_quant_torch(w, mask, scale, threshold, step, bits, grid="offset"):
     if grid not in _GRID_IDS:
         raise ValueError(f"fake_quant: grid must be 'offset' or 'symmetric', got {grid!r}")
     cdt = _compute_dtype(w.dtype)
+    w = w.detach()  # a quantizer: its gradient is the straight-through one (FakeQuantSTE)
     d = float(step)
     kmax = float(1 << (int(bits) - 1))
     sym = grid == "symmetric"
@@ -289,6 +290,7 @@ def fake_quant_codebook_torch(w, mask, codebook):
     c = codebook.to(device=w.device, dtype=torch.float64)
     if c.numel() == 0:
         return torch.zeros_like(w)
+    w = w.detach()
     mids = codebook_midpoints(c)
     x2 = _rows_view(w)
     m2 = _rows_view(mask.to(device=w.device))
