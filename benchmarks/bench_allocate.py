@@ -6,6 +6,9 @@ run ("plan / pass" is the number of such passes a plan costs); the default fitte
 model is timed next to ``error_model="laplace"`` ("vs laplace"). Compile time (first call)
 is reported apart.
 
+The size-budget mode (``rate=``, a width 1..8 per layer) is timed against the sparsity mode
+on CIFAR ResNet-20/56 and ResNet-50 shapes (best of the repeats).
+
     python benchmarks/bench_allocate.py [--quick] [--json out.json]
 """
 from __future__ import annotations
@@ -18,7 +21,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import emit, timeit  # noqa: E402
+from _common import emit, markdown_table, timeit  # noqa: E402
 
 from opq_core import plan  # noqa: E402
 from opq_core.synthetic import laplace_weights  # noqa: E402
@@ -63,7 +66,45 @@ def main(argv=None):
             r["vs laplace"] = r["plan ms"] / lap["plan ms"]
     cols = ["model", "weights", "mode", "numpy pass ms", "plan ms", "plan / pass", "vs laplace",
             "stats / pass", "select / pass", "solve ms", "paper_rate"]
-    emit("bench_allocate", {"compile_seconds": compile_s, "rows": rows}, rows, cols, args.json)
+    budget_rows = bench_budget(["resnet20"] if args.quick else ["resnet20", "resnet56", "resnet50"],
+                               repeat)
+    emit("bench_allocate", {"compile_seconds": compile_s, "rows": rows,
+                            "budget_rows": budget_rows}, rows, cols, args.json)
+    print()
+    print("### size-budget mode vs sparsity mode (best of repeats, same run)")
+    print()
+    print(markdown_table(budget_rows, ["model", "weights", "layers", "rate", "sparsity ms",
+                                       "budget ms", "budget / sparsity", "paper_rate"]))
+
+
+def bench_budget(archs, repeat):
+    """plan(rate=...) (bits 1..8 per layer) against plan(sparsity=0.9, bits=4) on the same
+    weights, best of ``repeat`` each (the machine may be shared)."""
+    import warnings
+    rows = []
+    plan({"w": np.random.default_rng(0).laplace(size=(64, 64)).astype(np.float32)}, rate=20)
+    for arch in archs:
+        w = laplace_weights(arch)
+        n = sum(v.size for v in w.values())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # all-pruned layers at sparsity 0.9
+            t_sp = best_of(lambda: plan(w, sparsity=0.9, bits=4), repeat)
+            for rate in (20.0, 100.0):
+                out = []
+                t_b = best_of(lambda: out.append(plan(w, rate=rate)), max(2, repeat // 2))
+                rows.append({"model": arch, "weights": n, "layers": len(w), "rate": rate,
+                             "sparsity ms": t_sp * 1e3, "budget ms": t_b * 1e3,
+                             "budget / sparsity": t_b / t_sp, "paper_rate": out[-1].paper_rate})
+    return rows
+
+
+def best_of(fn, repeat):
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
 
 
 if __name__ == "__main__":

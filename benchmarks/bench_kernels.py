@@ -161,6 +161,133 @@ def bench_shape(label, shape, bits_list, repeat, use_torch, use_ref, rows):
                      per_copy=t / t_copy))
 
 
+def best_time(fn, repeat, warmup=1):
+    """Best (smallest) wall time of ``repeat`` runs: on a shared machine the other
+    processes only ever add time, so the minimum is the least noisy estimate."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def peak_extra_bytes(fn):
+    """Peak bytes torch's CPU allocator held during ``fn()`` above the level before it
+    (torch.profiler with ``profile_memory=True``: every allocation and free in order)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
+
+
+def _float64_formula(w, mask, scale, threshold, step, bits):
+    """The torch-ops formula as it was before the blocks (whole-tensor float64), for the
+    memory comparison only."""
+    x = w.to(torch.float64)
+    s = scale.reshape(-1, *([1] * (w.dim() - 1)))
+    th = threshold.reshape(-1, *([1] * (w.dim() - 1)))
+    kmax = float(1 << (bits - 1))
+    sd = s * step
+    kf = torch.floor((x.abs() - th) / sd) + 1.0
+    kf = torch.where(kf > kmax, kmax, kf)
+    kf = torch.where(kf >= 1.0, kf, 1.0)
+    level = th + s * ((kf - 0.5) * step)
+    val = torch.where(x >= 0.0, level, -level)
+    val = torch.where(torch.isnan(x), x, val)
+    return torch.where(mask, val, 0.0).to(w.dtype)
+
+
+def bench_adapter(shape, repeat, rows):
+    """Through opq_torch (autograd Function, reused buffers, per-call threads) on one big
+    float32 layer, against a parallel copy, torch's fake-quant + mask, and itself with one
+    thread; the torch-ops (non-CPU) formula's time and peak extra memory on the CPU."""
+    from opq_torch import _buffers, ste
+    w, m, s, th, g = problem(shape)
+    c = shape[0]
+    bits, d = 4, STEP[4]
+    x2 = w.reshape(c, -1)
+    o = np.empty_like(w)
+    copy = lambda: _copy_rows(x2, o.reshape(c, -1))  # noqa: E731
+    wt = torch.from_numpy(w).requires_grad_(True)
+    mt = torch.from_numpy(m)
+    mf = mt.to(torch.float32)
+    st, tht = torch.from_numpy(s), torch.from_numpy(th)
+    gt = torch.from_numpy(g)
+    sc = torch.from_numpy((s * d).astype(np.float32))
+    zp = torch.zeros(c, dtype=torch.int32)
+
+    class _Ctx:
+        saved_tensors = (mt,)
+
+    def fwd():
+        return ste.fake_quant_ste(wt, mt, st, tht, d, bits)
+
+    def bwd():
+        return ste.FakeQuantSTE.backward(_Ctx, gt)[0]
+
+    def tq():
+        return torch.fake_quantize_per_channel_affine(wt.detach(), sc, zp, 0, -8, 7) * mf
+
+    label = f"{w.size / 1e6:.1f}M {shape}"
+    t = {}
+    for name, fn in (("copy", copy), ("forward", fwd), ("backward", bwd), ("torch", tq)):
+        t[name] = best_time(fn, repeat)
+    old = ste.KERNEL_THREADS
+    try:
+        ste.KERNEL_THREADS = 1
+        t["forward 1 thread"] = best_time(fwd, repeat)
+    finally:
+        ste.KERNEL_THREADS = old
+    _buffers.clear()
+    fresh = {"forward fresh output": lambda: (_buffers.clear(), fwd())}
+    t["forward fresh output"] = best_time(fresh["forward fresh output"], repeat)
+    t["torch-ops formula"] = best_time(
+        lambda: ste.fake_quant_torch(wt.detach(), mt, st, tht, d, bits), max(2, repeat // 3))
+    wd = wt.detach()
+    peak_new = peak_extra_bytes(lambda: ste.fake_quant_torch(wd, mt, st, tht, d, bits))
+    peak_old = peak_extra_bytes(lambda: _float64_formula(wd, mt, st, tht, d, bits))
+    for op in ("forward", "backward", "forward 1 thread", "forward fresh output", "torch",
+               "torch-ops formula"):
+        rows.append(dict(shape=label, op=f"adapter: {op}", ms=t[op] * 1e3,
+                         per_copy=t[op] / t["copy"], threads=ste.kernel_threads(w.size)))
+    summary = {
+        "forward_per_copy": t["forward"] / t["copy"],
+        "backward_per_copy": t["backward"] / t["copy"],
+        "torch_fakequant_per_opq_forward": t["torch"] / t["forward"],
+        "torch_ops_formula_per_opq_forward": t["torch-ops formula"] / t["forward"],
+        "torch_ops_peak_extra_per_weight_bytes": peak_new / w.nbytes,
+        "old_float64_formula_peak_extra_per_weight_bytes": peak_old / w.nbytes,
+        "kernel_threads": ste.kernel_threads(w.size),
+    }
+    # the thread rule: one thread vs all threads through the adapter, by size
+    sweep = []
+    for n in (1 << 18, 1 << 20, 1 << 22):
+        ws, ms_, ss, ths, _ = problem((n // 1024, 1024), seed=1)
+        wts, mts = torch.from_numpy(ws), torch.from_numpy(ms_)
+        sst, thst = torch.from_numpy(ss), torch.from_numpy(ths)
+        f = lambda: ste.fake_quant_ste(wts, mts, sst, thst, d, bits)  # noqa: E731
+        res = {}
+        for k in (1, numba.config.NUMBA_NUM_THREADS):
+            ste.KERNEL_THREADS = k
+            try:
+                res[k] = best_time(f, repeat * 3)
+            finally:
+                ste.KERNEL_THREADS = old
+        sweep.append(dict(elements=n, rule_threads=ste.kernel_threads(n),
+                          all_threads_per_one=res[numba.config.NUMBA_NUM_THREADS] / res[1]))
+    summary["thread_sweep"] = sweep
+    return summary
+
+
 def targets(rows, big):
     def get(op, bits):
         return next(r for r in rows if r["shape"] == big and r["op"] == op and r["bits"] == bits)
@@ -186,7 +313,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for Numba and torch (default: Numba's default)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder")
+    ap.add_argument("--adapter-only", action="store_true",
+                    help="only the opq_torch section (bench_kernels.adapter.json / .md)")
     args = ap.parse_args(argv)
+    if args.adapter_only:
+        return main_adapter(args)
     repeat = args.repeat or (3 if args.quick else 9)
     big = "25.5M (25500, 1000)" if not args.quick else "2.55M (2550, 1000)"
     shapes = [(big, (25_500, 1000) if not args.quick else (2_550, 1000), [4, 2, 8]),
@@ -255,6 +386,63 @@ def main(argv=None):
     atomic_write(os.path.join(args.out, "bench_kernels.json"),
                  lambda f: f.write(text + "\n"), mode="w")
     atomic_write(os.path.join(args.out, "bench_kernels.md"),
+                 lambda f: f.write("\n".join(md) + "\n"), mode="w")
+
+
+def main_adapter(args):
+    if torch is None:
+        raise SystemExit("bench_kernels --adapter-only needs torch")
+    repeat = args.repeat or (3 if args.quick else 7)
+    if args.threads:
+        numba.set_num_threads(args.threads)
+    torch.set_num_threads(numba.get_num_threads())
+    shape = (2_550, 1000) if args.quick else (25_500, 1000)
+    load0 = os.getloadavg()
+    rows = []
+    summary = bench_adapter(shape, repeat, rows)
+    load1 = os.getloadavg()
+    tg = {
+        "adapter forward <= 2x copy": [summary["forward_per_copy"],
+                                       summary["forward_per_copy"] <= 2.0],
+        "adapter backward <= 2x copy": [summary["backward_per_copy"],
+                                        summary["backward_per_copy"] <= 2.0],
+        "torch fake-quant + mask >= 5x opq forward": [
+            summary["torch_fakequant_per_opq_forward"],
+            summary["torch_fakequant_per_opq_forward"] >= 5.0],
+        "torch-ops formula peak extra <= 2x weight bytes": [
+            summary["torch_ops_peak_extra_per_weight_bytes"],
+            summary["torch_ops_peak_extra_per_weight_bytes"] <= 2.0],
+    }
+    result = {"benchmark": "bench_kernels --adapter-only", "quick": args.quick,
+              "repeat": repeat, "statistic": "best of repeat",
+              "threads": numba.get_num_threads(), "threading_layer": numba.threading_layer(),
+              "torch": torch.__version__, "loadavg_before": load0, "loadavg_after": load1,
+              "summary": summary, "targets": tg, "rows": rows, "machine": machine()}
+    md = [f"### bench_kernels --adapter-only{' (quick)' if args.quick else ''}", "",
+          f"float32, offset grid, 4 bits, {result['threads']} threads "
+          f"({result['threading_layer']}); best of {repeat} (the machine was shared: load "
+          f"average {load0[0]:.1f} before, {load1[0]:.1f} after). `per_copy` = time / a "
+          "parallel copy of the same weight timed in the same run.", "",
+          markdown_table(rows, ["shape", "op", "threads", "ms", "per_copy"]), "",
+          "| target | measured | met |", "|---|---|---|"]
+    md += [f"| {k} | {v[0]:.3g} | {'yes' if v[1] else 'no'} |" for k, v in tg.items()]
+    md += ["", f"Peak extra memory of the torch-ops formula (torch.profiler, CPU): "
+           f"{summary['torch_ops_peak_extra_per_weight_bytes']:.2f}x the weight's bytes "
+           f"(the whole-tensor float64 formula it replaces: "
+           f"{summary['old_float64_formula_peak_extra_per_weight_bytes']:.1f}x); its time "
+           f"{summary['torch_ops_formula_per_opq_forward']:.1f}x opq's forward.", "",
+           "Thread rule (adapter forward, all threads / one thread, best of "
+           f"{3 * repeat}; below 1 = more threads faster):", "",
+           markdown_table(summary["thread_sweep"],
+                          ["elements", "rule_threads", "all_threads_per_one"])]
+    text = json.dumps(result, indent=1, default=float)
+    print(text)
+    print("\n".join(md))
+    os.makedirs(args.out, exist_ok=True)
+    suffix = ".quick" if args.quick else ""
+    atomic_write(os.path.join(args.out, f"bench_kernels.adapter{suffix}.json"),
+                 lambda f: f.write(text + "\n"), mode="w")
+    atomic_write(os.path.join(args.out, f"bench_kernels.adapter{suffix}.md"),
                  lambda f: f.write("\n".join(md) + "\n"), mode="w")
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._jit import jit, prange
+from ._jit import jit, prange, twins
 from . import error_model as em
 from ._plan import paper_rate, rate_budget_bits, score_layer
 from ._solver import (_Context, _build_layers, _kth_smallest, _layer_constants, _mean_threshold,
                       _predicted_sparsity_lam)
 from .stats import as_matrix
 
-@jit(parallel=True)
 def _lagrangian_rows(sorted_sq, prefix, s2, bits_c, mu, out_L, out_kept):
     # For every channel c and candidate width b:  sum_w min(w^2, q_cb + mu * b)
     # where q_cb = bits_c[b] * s2[c]; sorted_sq rows ascending, prefix[c, j] = sum of first j.
@@ -35,6 +34,15 @@ def _lagrangian_rows(sorted_sq, prefix, s2, bits_c, mu, out_L, out_kept):
                     hi = mid
             out_L[c, b] = prefix[c, lo] + (m - lo) * T
             out_kept[c, b] = m - lo
+
+
+# a binary search per (channel, width): the serial twin for all but huge layers, where
+# waking the thread pool (once per layer and bisection step) costs more than the search
+_lagrangian_rows, _lagrangian_rows_par = twins(_lagrangian_rows)
+
+
+#: (channels x widths) from which the Lagrangian of a layer runs on the thread pool.
+_PAR_ROWS = 1 << 15
 
 
 def _sorted_layer(ctx, i):
@@ -59,7 +67,8 @@ def _lagrangian(ctx, qn_table, bits_set, mu):
         C = sq.shape[0]
         Lc = np.empty((C, len(bits_set)))
         Kc = np.empty((C, len(bits_set)), dtype=np.int64)
-        _lagrangian_rows(sq, pre, s2, bc, float(mu), Lc, Kc)
+        kern = _lagrangian_rows_par if C * len(bits_set) >= _PAR_ROWS else _lagrangian_rows
+        kern(sq, pre, s2, bc, float(mu), Lc, Kc)
         dead = s <= 0
         if dead.any():  # dead channels: all zero, pruned, no cost, no error
             Lc[dead] = 0.0
@@ -225,6 +234,54 @@ def _empty_layers(ctx, bits_set, step_table, qn_table, use_q):
     return _build_layers(ctx, [b] * L, steps, qn, score_q, lams, kept, np.ones(L))
 
 
+@jit()
+def _counts_at(neg_all, st, sz, b, base, mu, k):
+    """Per layer the number of gains with ``g > mu b`` (at least ``base``); returns the bits."""
+    cost = 0.0
+    for i in range(st.shape[0]):
+        lo = st[i]
+        hi = lo + sz[i]
+        v = -mu * b[i]
+        while lo < hi:  # first index with neg >= v
+            mid = (lo + hi) >> 1
+            if neg_all[mid] < v:
+                lo = mid + 1
+            else:
+                hi = mid
+        c = lo - st[i]
+        if sz[i] == 0:
+            c = 0
+        elif c < base[i]:
+            c = base[i]
+        k[i] = c
+        cost += c * b[i]
+    return cost
+
+
+@jit()
+def _ratio_counts(neg_all, st, sz, b, base, S, k):
+    """Counts ``k`` at the smallest ratio threshold (bisection) whose bits fit in ``S``;
+    returns True when a bisection was needed (then some room may be left to fill)."""
+    if _counts_at(neg_all, st, sz, b, base, 0.0, k) <= S:
+        return False
+    top = 0.0
+    for i in range(st.shape[0]):
+        if sz[i]:
+            top = max(top, -neg_all[st[i]] / b[i])
+    lo = 0.0
+    hi = top * 2 + 1e-300
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if not (lo < mid and mid < hi):
+            break
+        if _counts_at(neg_all, st, sz, b, base, mid, k) <= S:
+            hi = mid
+        else:
+            lo = mid
+    _counts_at(neg_all, st, sz, b, base, hi, k)
+    return True
+
+
 #: Above this many (weights x candidate widths) the budget solver skips the local search.
 LOCAL_SEARCH_MAX = 20_000_000
 
@@ -253,29 +310,33 @@ def _local_search(ctx, bits_set, score_tab, choice, S, max_passes: int = 4):
         gains.append(row)
         live.append(bool(np.any(ctx.scales[i] > 0)))
 
+    # every (layer, width) row of ascending negated gains in one array, made once: a trial
+    # is then one compiled bisection over the layers (_ratio_counts), not Python loops
+    nb = len(bits_set)
+    start = np.zeros((L, nb), dtype=np.int64)
+    size = np.zeros((L, nb), dtype=np.int64)
+    parts, at = [], 0
+    for i in range(L):
+        for j in range(nb):
+            start[i, j], size[i, j] = at, gains[i][j].size
+            parts.append(-gains[i][j])
+            at += gains[i][j].size
+    neg_all = np.concatenate(parts) if parts else np.zeros(0)
+    csum = [[np.concatenate(([0.0], np.cumsum(row))) for row in gains[i]] for i in range(L)]
+    rows = np.arange(L)
+
     def solve(ch):
+        cj = np.asarray(ch, dtype=np.int64)
         b = np.array([bits_set[j] for j in ch], dtype=np.float64)
         g = [gains[i][ch[i]] for i in range(L)]
-        base = np.array([min(int(floors[i]), g[i].size) if live[i] else 0 for i in range(L)],
+        st, sz = start[rows, cj], size[rows, cj]
+        base = np.array([min(int(floors[i]), int(sz[i])) if live[i] else 0 for i in range(L)],
                         dtype=np.int64)
         if float(np.dot(base, b)) > S:
             return None
+        k = np.empty(L, dtype=np.int64)
         # ratio threshold by bisection: keep gains / b > mu (positive gains only)
-        def counts(mu):
-            return np.array([max(base[i], int(np.searchsorted(-g[i], -mu * b[i], side="left")))
-                             if g[i].size else 0 for i in range(L)], dtype=np.int64)
-        k = counts(0.0)
-        if float(np.dot(k, b)) > S:
-            lo, hi = 0.0, max(float(g[i][0] / b[i]) for i in range(L) if g[i].size) * 2 + 1e-300
-            for _ in range(100):
-                mid = 0.5 * (lo + hi)
-                if not lo < mid < hi:
-                    break
-                if float(np.dot(counts(mid), b)) <= S:
-                    hi = mid
-                else:
-                    lo = mid
-            k = counts(hi)
+        if _ratio_counts(neg_all, st, sz, b, base, float(S), k):
             room = S - float(np.dot(k, b))
             # greedy fill with the next items by ratio
             heads = [(-(g[i][k[i]] / b[i]), i) for i in range(L) if k[i] < g[i].size and g[i][k[i]] > 0]
@@ -289,7 +350,7 @@ def _local_search(ctx, bits_set, score_tab, choice, S, max_passes: int = 4):
                     room -= b[i]
                     if k[i] < g[i].size and g[i][k[i]] > 0:
                         heapq.heappush(heads, (-(g[i][k[i]] / b[i]), i))
-        err = -sum(float(np.sum(g[i][:k[i]])) for i in range(L))
+        err = -sum(float(csum[i][ch[i]][k[i]]) for i in range(L))
         return err, k
 
     ch = list(int(c) for c in choice)

@@ -45,7 +45,22 @@ def _mobilenet_v1():
     return shapes
 
 
-ARCHITECTURES = {"alexnet": _alexnet, "resnet50": _resnet50, "mobilenet_v1": _mobilenet_v1}
+def _cifar_resnet(n):
+    """CIFAR ResNet-(6n+2): three stages of n basic blocks (16, 32, 64 channels)."""
+    shapes = [("conv1.weight", (16, 3, 3, 3))]
+    cin = 16
+    for li, planes in enumerate((16, 32, 64), start=1):
+        for b in range(n):
+            p = f"layer{li}.{b}"
+            shapes += [(f"{p}.conv1.weight", (planes, cin, 3, 3)),
+                       (f"{p}.conv2.weight", (planes, planes, 3, 3))]
+            cin = planes
+    shapes.append(("fc.weight", (10, 64)))
+    return shapes
+
+
+ARCHITECTURES = {"alexnet": _alexnet, "resnet50": _resnet50, "mobilenet_v1": _mobilenet_v1,
+                 "resnet20": lambda: _cifar_resnet(3), "resnet56": lambda: _cifar_resnet(9)}
 
 
 def layer_shapes(arch: str):

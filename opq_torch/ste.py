@@ -47,7 +47,9 @@ import torch
 from opq_core import kernels as _k
 from opq_core._jit import PARALLEL_MIN_SIZE as _PARALLEL_MIN_SIZE
 
-__all__ = ["KERNEL_THREADS", "FakeQuantSTE", "CodebookSTE", "fake_quant_ste", "fake_quant_codebook_ste",
+from . import _buffers
+
+__all__ = ["KERNEL_THREADS", "kernel_threads", "FakeQuantSTE", "CodebookSTE", "fake_quant_ste", "fake_quant_codebook_ste",
            "fake_quant_torch", "fake_quant_codebook_torch", "codebook_midpoints",
            "ste_backward_torch"]
 
@@ -74,6 +76,121 @@ def _channels_view(v, ndim):
     return v.reshape((v.shape[0],) + (1,) * (ndim - 1))
 
 
+#: Smallest block of the eager torch-ops formulas, in elements; a tensor is cut into at most
+#: :data:`TORCH_BLOCKS` blocks (bigger ones for big tensors), so the temporaries of a block
+#: (three float64 arrays and two bool ones, in-place operations otherwise) stay under half
+#: the weight's bytes and the per-block overhead (a dozen operator calls) stays bounded.
+TORCH_CHUNK = 1 << 16
+TORCH_BLOCKS = 16
+
+#: Use ``torch.compile`` (one fused Triton kernel) for the torch-ops formulas on CUDA when
+#: Triton is installed; False keeps the eager blocks everywhere.
+TORCH_COMPILE = True
+
+
+def _fq_block(x, m, s, th, d: float, kmax: float, symmetric: bool, cdt: torch.dtype):
+    """The formula on one block: ``x`` (R, M) in any float dtype, ``s``/``th`` (R, 1) float64."""
+    x = x.to(cdt).to(torch.float64)
+    sd = s * d
+    a = x.abs()
+    if symmetric:
+        kf = torch.round(a / sd)  # half to even, as rint
+    else:
+        kf = torch.floor((a - th) / sd) + 1.0
+    kf = torch.where(kf > kmax, kmax, kf)
+    kf = torch.where(kf >= 1.0, kf, 1.0)  # NaN -> 1, as in the kernel
+    if symmetric:
+        level = kf * sd
+    else:
+        level = th + s * ((kf - 0.5) * d)
+    val = torch.where(x >= 0.0, level, -level)
+    val = torch.where(torch.isnan(x), x, val)
+    return torch.where(m, val, 0.0).to(cdt)
+
+
+def _fq_block_eager(x, m, s, th, d: float, kmax: float, symmetric: bool, cdt: torch.dtype):
+    """:func:`_fq_block` with in-place operations (three float64 temporaries of the block):
+    the same operations in the same order, so the same bits."""
+    x = x.to(cdt).to(torch.float64)
+    a = x.abs()
+    if symmetric:
+        a.div_(s * d).round_()  # half to even, as rint
+    else:
+        a.sub_(th).div_(s * d).floor_().add_(1.0)
+    # where(kf > K, K, kf) then where(kf >= 1, kf, 1): NaN and -inf -> 1, +inf -> K
+    a.nan_to_num_(nan=1.0, posinf=kmax, neginf=1.0).clamp_(1.0, kmax)
+    if symmetric:
+        a.mul_(s * d)
+    else:
+        a.sub_(0.5).mul_(d).mul_(s).add_(th)
+    torch.where(x >= 0.0, a, a.neg(), out=a)
+    torch.where(torch.isnan(x), x, a, out=a)
+    return torch.where(m, a, 0.0).to(cdt)
+
+
+def _cb_block(x, m, c, mids, cdt: torch.dtype):
+    x = x.to(cdt).to(torch.float64)
+    idx = torch.bucketize(x, mids, right=False)
+    return torch.where(m, c[idx], 0.0).to(cdt)
+
+
+_compiled = {}
+
+
+def _compiled_fn(name, fn):
+    """``torch.compile(fn)`` on CUDA with Triton, else None (cached per name)."""
+    if name not in _compiled:
+        got = None
+        try:
+            importlib.import_module("triton")
+            got = torch.compile(fn, dynamic=True, fullgraph=True,
+                                options={"emulate_precision_casts": True})
+        except Exception:  # no Triton / no inductor backend: eager blocks
+            got = None
+        _compiled[name] = got
+    return _compiled[name]
+
+
+def _run_compiled(name, fn, *args):
+    """The compiled ``fn`` on ``args``, or None (then the eager blocks run): no Triton, or a
+    compile error, which is reported once and turns the compiled path off for ``name``."""
+    f = _compiled_fn(name, fn)
+    if f is None:
+        return None
+    try:
+        return f(*args)
+    except Exception as e:  # an inductor/Triton failure must not stop training
+        import warnings
+        warnings.warn(f"opq_torch: torch.compile of the {name} formula failed ({e!r}); "
+                      f"using the eager torch ops", RuntimeWarning, stacklevel=3)
+        _compiled[name] = None
+        return None
+
+
+def _use_compile(t):
+    return TORCH_COMPILE and t.device.type == "cuda" and not torch.compiler.is_compiling()
+
+
+def _blocks(c, n):
+    """(row slice, column slice) blocks of a (c, n) view: at most ``max(TORCH_CHUNK,
+    c * n / TORCH_BLOCKS)`` elements each."""
+    chunk = max(1, int(TORCH_CHUNK), -(-c * n // max(1, int(TORCH_BLOCKS))))
+    if n <= chunk:
+        rows = max(1, chunk // max(n, 1))
+        for r in range(0, c, rows):
+            yield slice(r, min(c, r + rows)), slice(0, n)
+    else:
+        for r in range(c):
+            for j in range(0, n, chunk):
+                yield slice(r, r + 1), slice(j, min(n, j + chunk))
+
+
+def _rows_view(t):
+    c = t.shape[0] if t.dim() else 1
+    n = t.numel() // c if c else 0
+    return t.reshape(c, n)
+
+
 def fake_quant_torch(w, mask, scale, threshold, step, bits, grid="offset"):
     r"""Prune + fake-quantize in torch ops, float64, bit for bit :func:`opq_core.kernels.fake_quant`.
 
@@ -89,6 +206,13 @@ def fake_quant_torch(w, mask, scale, threshold, step, bits, grid="offset"):
     The operations and their order are the kernel's, so on finite and infinite inputs the
     result equals the kernel's on every device. A kept NaN weight gives NaN here (the CPU
     kernel raises ValueError instead).
+
+    Memory: the only tensor of the weight's size is the output. Eagerly the formula runs on
+    blocks (:data:`TORCH_CHUNK`, :data:`TORCH_BLOCKS`: rows of the ``(C, fan-in)`` view, or
+    pieces of one row), so its float64 temporaries stay a fraction of the weight; on CUDA,
+    when Triton is available, it is one ``torch.compile``'d kernel over the whole tensor
+    (:data:`TORCH_COMPILE`), compiled without FMA contraction so that it rounds like the
+    separate operations.
 
     Parameters
     ----------
@@ -114,28 +238,24 @@ def fake_quant_torch(w, mask, scale, threshold, step, bits, grid="offset"):
     if grid not in _GRID_IDS:
         raise ValueError(f"fake_quant: grid must be 'offset' or 'symmetric', got {grid!r}")
     cdt = _compute_dtype(w.dtype)
-    x = w.to(cdt).to(torch.float64)
-    nd = x.dim()
-    s = _channels_view(scale.to(device=x.device, dtype=torch.float64), nd)
-    th = _channels_view(threshold.to(device=x.device, dtype=torch.float64), nd)
+    w = w.detach()  # a quantizer: its gradient is the straight-through one (FakeQuantSTE)
     d = float(step)
     kmax = float(1 << (int(bits) - 1))
-    sd = s * d
-    a = x.abs()
-    if grid == "offset":
-        kf = torch.floor((a - th) / sd) + 1.0
-    else:
-        kf = torch.round(a / sd)  # half to even, as rint
-    kf = torch.where(kf > kmax, kmax, kf)
-    kf = torch.where(kf >= 1.0, kf, 1.0)  # NaN -> 1, as in the kernel
-    if grid == "offset":
-        level = th + s * ((kf - 0.5) * d)
-    else:
-        level = kf * sd
-    val = torch.where(x >= 0.0, level, -level)
-    val = torch.where(torch.isnan(x), x, val)
-    out = torch.where(mask, val, 0.0)
-    return out.to(cdt).to(w.dtype)
+    sym = grid == "symmetric"
+    x2 = _rows_view(w)
+    m2 = _rows_view(mask.to(device=w.device))
+    c = x2.shape[0]
+    s = scale.to(device=w.device, dtype=torch.float64).reshape(c, 1)
+    th = threshold.to(device=w.device, dtype=torch.float64).reshape(c, 1)
+    if _use_compile(w):
+        y = _run_compiled("fq", _fq_block, x2, m2, s, th, d, kmax, sym, cdt)
+        if y is not None:
+            return y.to(w.dtype).reshape(w.shape)
+    out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    o2 = out.view(x2.shape)
+    for rs, cs in _blocks(*x2.shape):
+        o2[rs, cs] = _fq_block_eager(x2[rs, cs], m2[rs, cs], s[rs], th[rs], d, kmax, sym, cdt)
+    return out
 
 
 def codebook_midpoints(codebook):
@@ -158,7 +278,8 @@ def fake_quant_codebook_torch(w, mask, codebook):
 
         i(w) = \#\{j : m_j < w\},\qquad \hat w = [\text{mask}]\; c_{i(w)}
 
-    The centroid (float64) is rounded to float32 and then to ``w``'s dtype.
+    The centroid (float64) is rounded to float32 and then to ``w``'s dtype. Memory and
+    devices as in :func:`fake_quant_torch`.
 
     >>> w = torch.tensor([[-0.25, 0.3, 3.0]])
     >>> cb = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)
@@ -169,10 +290,19 @@ def fake_quant_codebook_torch(w, mask, codebook):
     c = codebook.to(device=w.device, dtype=torch.float64)
     if c.numel() == 0:
         return torch.zeros_like(w)
-    x = w.to(cdt).to(torch.float64)
-    idx = torch.bucketize(x, codebook_midpoints(c), right=False)
-    out = torch.where(mask, c[idx], 0.0)
-    return out.to(cdt).to(w.dtype)
+    w = w.detach()
+    mids = codebook_midpoints(c)
+    x2 = _rows_view(w)
+    m2 = _rows_view(mask.to(device=w.device))
+    if _use_compile(w):
+        y = _run_compiled("cb", _cb_block, x2, m2, c, mids, cdt)
+        if y is not None:
+            return y.to(w.dtype).reshape(w.shape)
+    out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    o2 = out.view(x2.shape)
+    for rs, cs in _blocks(*x2.shape):
+        o2[rs, cs] = _cb_block(x2[rs, cs], m2[rs, cs], c, mids, cdt)
+    return out
 
 
 def ste_backward_torch(grad, mask):
@@ -184,29 +314,55 @@ def ste_backward_torch(grad, mask):
 # CPU: the opq_core kernels through NumPy views
 # --------------------------------------------------------------------------------------
 
-#: Numba threads of the CPU kernels called from autograd (``None``: Numba's setting).
-#: The default 1 keeps them on the calling thread: inside a training step torch's own
-#: OpenMP pool owns the cores, and a second (Numba) pool waking up for a memory-bound
-#: elementwise pass costs more than it saves (see benchmarks/bench_train.py).
-KERNEL_THREADS: int | None = 1
+#: Numba threads of the CPU kernels called from autograd: ``None`` (default) picks them per
+#: call with :func:`kernel_threads`; an int fixes the count for every call.
+KERNEL_THREADS: int | None = None
+
+#: Elements each Numba thread must get before one more thread is woken (:func:`kernel_threads`).
+ELEMENTS_PER_THREAD = 1 << 20
+
+
+def kernel_threads(numel: int) -> int:
+    r"""Numba threads for one CPU kernel call on a tensor of ``numel`` elements.
+
+    .. math:: T = \max(1, \min(T_{\max}, \lfloor n / 2^{20} \rfloor)),\qquad
+              T_{\max} = \min(\text{Numba's threads}, \text{torch.get\_num\_threads()})
+
+    A pass over a tensor is memory-bound and short: waking a thread costs tens of
+    microseconds, and right after a torch operator torch's own OpenMP threads are still
+    spinning on the same cores. Below about a million elements per thread (a few MB, well
+    under a millisecond per pass) the extra threads cost more than they bring, so the layers
+    of a small CNN (all under 1 M weights) stay on the calling thread inside a training step,
+    while a lone 25 M-weight layer gets every core. ``torch.get_num_threads()`` caps the
+    count, so a process that limited torch to ``k`` threads gets at most ``k`` here too.
+    :data:`KERNEL_THREADS` overrides the rule (benchmarks/bench_kernels.py measures both).
+
+    >>> kernel_threads(1000)
+    1
+    """
+    if KERNEL_THREADS is not None:
+        return max(1, int(KERNEL_THREADS))
+    cap = min(int(numba.config.NUMBA_NUM_THREADS), int(torch.get_num_threads()))
+    return max(1, min(cap, int(numel) // ELEMENTS_PER_THREAD))
 
 
 class _kernel_threads:
-    """Run Numba's parallel kernels with :data:`KERNEL_THREADS` threads (big tensors only;
-    smaller ones use the serial kernels anyway)."""
+    """Run Numba's parallel kernels with :func:`kernel_threads` threads (big tensors only;
+    smaller ones use the serial kernels anyway); the previous setting is restored."""
 
     __slots__ = ("n", "prev")
 
     def __init__(self, numel):
-        self.n = KERNEL_THREADS if numel >= _PARALLEL_MIN_SIZE else None
+        self.n = kernel_threads(numel) if numel >= _PARALLEL_MIN_SIZE else None
         self.prev = None
 
     def __enter__(self):
         if self.n is not None:
             prev = numba.get_num_threads()
-            if prev != self.n:
+            n = min(self.n, numba.config.NUMBA_NUM_THREADS)
+            if prev != n:
                 self.prev = prev
-                numba.set_num_threads(min(self.n, numba.config.NUMBA_NUM_THREADS))
+                numba.set_num_threads(n)
 
     def __exit__(self, *exc):
         if self.prev is not None:
@@ -222,8 +378,10 @@ def _np(t):
 def _fq_cpu(w, mask, scale, threshold, step, bits, grid):
     cdt = _compute_dtype(w.dtype)
     x = w if w.dtype == cdt else w.to(cdt)
+    xn = _np(x)
+    out = _buffers.take(xn.shape, xn.dtype)
     with _kernel_threads(x.numel()):
-        out = _k.fake_quant(_np(x), _np(mask), _np(scale), _np(threshold), step, bits, grid)
+        _k.fake_quant(xn, _np(mask), _np(scale), _np(threshold), step, bits, grid, out=out)
     y = torch.from_numpy(out)
     return y if y.dtype == w.dtype else y.to(w.dtype)
 
@@ -258,8 +416,11 @@ def _fqc_cpu(w, mask, codebook):
 def _ste_cpu(grad, mask):
     if grad.dtype not in (torch.float32, torch.float64):
         return ste_backward_torch(grad, mask)
+    gn = _np(grad)
+    out = _buffers.take(gn.shape, gn.dtype)
     with _kernel_threads(grad.numel()):
-        return torch.from_numpy(_k.ste_backward(_np(grad), _np(mask)))
+        _k.ste_backward(gn, _np(mask), out=out)
+    return torch.from_numpy(out)
 
 
 # --------------------------------------------------------------------------------------

@@ -84,3 +84,48 @@ def test_cuda_training_keeps_pruned_zero_and_matches_cpu_weights():
     # the same latent weights on the CPU give the same effective weights
     back = opq_torch.compressed_weights(net.cpu())
     assert all(np.array_equal(back[k], eff[k]) for k in eff)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("grid", ["offset", "symmetric"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_fused_and_blocked_paths_equal_cpu_kernel(compiled, grid, dtype, monkeypatch):
+    """The torch.compile'd kernel (Triton, no FMA contraction) and the eager blocks."""
+    monkeypatch.setattr(ste, "TORCH_COMPILE", compiled)
+    monkeypatch.setattr(ste, "TORCH_CHUNK", 700)
+    monkeypatch.setattr(ste, "TORCH_BLOCKS", 10 ** 6)
+    for bits in (1, 4, 8):
+        w, m, s, th, step = _case(bits + 10, (33, 3000), grid, bits, dtype)
+        cpu = ste.fake_quant_ste(w, m, s, th, step, bits, grid)
+        gpu = ste.fake_quant_torch(w.cuda(), m.cuda(), s.cuda(), th.cuda(), step, bits, grid)
+        assert gpu.dtype == dtype and torch.equal(gpu.cpu(), cpu)
+        assert torch.equal(torch.signbit(gpu.cpu()), torch.signbit(cpu))
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_cuda_codebook_fused_and_blocked(compiled, monkeypatch):
+    monkeypatch.setattr(ste, "TORCH_COMPILE", compiled)
+    rng = np.random.default_rng(1)
+    cb = torch.tensor([-1.25, -0.5, 0.25, 0.75, 2.0], dtype=torch.float64)
+    w = torch.tensor(rng.laplace(size=(64, 2000)), dtype=torch.float32)
+    w[0, :4] = torch.tensor([-0.875, -0.125, 0.5, 1.375])
+    m = torch.from_numpy(rng.random(w.shape) < 0.5)
+    cpu = ste.fake_quant_codebook_ste(w, m, cb)
+    gpu = ste.fake_quant_codebook_torch(w.cuda(), m.cuda(), cb.cuda())
+    assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_cuda_peak_memory_under_twice_the_weight(compiled, monkeypatch):
+    monkeypatch.setattr(ste, "TORCH_COMPILE", compiled)
+    w, m, s, th, step = _case(0, (4096, 4096), "offset", 4, torch.float32)
+    w, m, s, th = w.cuda(), m.cuda(), s.cuda(), th.cuda()
+    ste.fake_quant_torch(w, m, s, th, step, 4)  # compile / warm up
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = ste.fake_quant_torch(w, m, s, th, step, 4)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert out.shape == w.shape
+    assert w.nbytes <= peak <= 2 * w.nbytes

@@ -110,41 +110,86 @@ def _varint_len(g):
     return n
 
 
+_ONES = np.uint64(0x0101010101010101)
+_ONE = np.uint64(1)
+
+
 @jit()
-def _gap_scan_block(m, lo, hi, first, last, cnt, nbytes, b):
+def _byte_sum(x):
+    """Sum of the bytes of ``x`` when each is 0 or 1 (a bool mask read 8 entries at a time)."""
+    return np.int64((x * _ONES) >> np.uint64(56))
+
+
+@jit()
+def _low_byte(x):
+    """Index of the lowest non-zero byte of ``x != 0`` (bytes 0 or 1)."""
+    low = x & (~x + _ONE)
+    return _byte_sum((low - _ONE) & _ONES)
+
+
+@jit()
+def _high_byte(x):
+    """Index of the highest non-zero byte of ``x != 0`` (bytes 0 or 1)."""
+    x = x | (x >> np.uint64(8))
+    x = x | (x >> np.uint64(16))
+    x = x | (x >> np.uint64(32))
+    return _byte_sum(x) - 1
+
+
+@jit()
+def _gap_scan_block(m, words, lo, hi, first, last, cnt, nbytes, b):
     """First/last kept position of the block, its kept count, and the varint bytes of the
-    gaps inside the block (not the gap to the previous block)."""
-    f = -1
-    p = -1
+    gaps of its kept positions, the first one counted from the block's start (corrected
+    in :func:`_gap_offsets`). Eight entries at a time: within a word every kept entry but
+    the first has a gap below 8 (one byte), so a word costs a few integer operations."""
+    run = 0  # pruned entries since the last kept one (or the block's start)
     c = 0
     nby = 0
-    mm = m[lo:hi]
-    for j in range(mm.shape[0]):
-        if mm[j]:
-            if p >= 0:
-                nby += _varint_len(j - p - 1)
-            else:
-                f = j
-            p = j
+    f = -1
+    la = -1
+    w_end = hi // 8  # blocks start at multiples of 8; only the last one has a tail
+    for wi in range(lo // 8, min(w_end, words.shape[0])):
+        x = words[wi]
+        if x == 0:
+            run += 8
+            continue
+        k = _byte_sum(x)
+        i0 = _low_byte(x)
+        h = _high_byte(x)
+        c += k
+        nby += _varint_len(run + i0) + (k - 1)
+        if f < 0:
+            f = 8 * wi + i0
+        la = 8 * wi + h
+        run = 7 - h
+    for j in range(8 * min(w_end, words.shape[0]), hi):  # the tail after the last word
+        if m[j]:
+            nby += _varint_len(run)
             c += 1
-    first[b] = f + lo if f >= 0 else -1
-    last[b] = p + lo if p >= 0 else -1
+            if f < 0:
+                f = j
+            la = j
+            run = 0
+        else:
+            run += 1
+    first[b] = f
+    last[b] = la
     cnt[b] = c
     nbytes[b] = nby
 
 
-def _gap_scan(m, first, last, cnt, nbytes):
+def _gap_scan(m, words, first, last, cnt, nbytes):
     n = m.shape[0]
     for b in prange(first.shape[0]):
         lo = b * _BLOCK
-        _gap_scan_block(m, lo, min(lo + _BLOCK, n), first, last, cnt, nbytes, b)
+        _gap_scan_block(m, words, lo, min(lo + _BLOCK, n), first, last, cnt, nbytes, b)
 
 
 _gap_scan, _gap_scan_par = twins(_gap_scan)
 
 
 @jit()
-def _gap_offsets(first, last, nbytes, lead, offsets):
+def _gap_offsets(first, last, nbytes, lead, offsets, block):
     """Serial prefix over blocks: the gap leading each block's first kept position, and
     the byte offset where the block writes. Returns the total byte count."""
     prev = -1
@@ -156,7 +201,8 @@ def _gap_offsets(first, last, nbytes, lead, offsets):
             continue
         g = first[b] - prev - 1
         lead[b] = g
-        at += _varint_len(g) + nbytes[b]
+        # the scan counted the first gap from the block's start
+        at += _varint_len(g) + nbytes[b] - _varint_len(first[b] - b * block)
         prev = last[b]
     return at
 
@@ -172,28 +218,64 @@ def _put_varint(out, at, g):
 
 
 @jit()
-def _gap_write_block(m, lo, hi, lead, at, out):
+def _gap_write_block(m, words, lo, hi, first, lead, at, end, out):
+    """Varints of the kept positions of the block, eight entries at a time.
+
+    The common word (its first gap below 128, 8 bytes of room before the block's ``end``)
+    is written branch-free: a byte is stored for every entry and ``at`` moves on kept ones
+    only, so the stores of pruned entries land where the next kept entry of the block
+    writes (or on the room). Other words take the loop over their kept entries."""
     if lead < 0:
         return
-    p = -1
-    mm = m[lo:hi]
-    for j in range(mm.shape[0]):
-        if mm[j]:
-            if p < 0:
-                at = _put_varint(out, at, lead)
-            else:
-                at = _put_varint(out, at, j - p - 1)
-            p = j
+    prev = first - lead - 1  # the previous kept position (global), or -1
+    nw = min(hi // 8, words.shape[0])
+    for wi in range(lo // 8, nw):
+        x = words[wi]
+        if x == 0:
+            continue
+        base = 8 * wi
+        if base + _low_byte(x) - prev - 1 < 128 and at + 8 <= end:
+            p = prev
+            for t in range(8):
+                k = np.int64((x >> np.uint64(8 * t)) & _ONE)
+                pos = base + t
+                out[at] = np.uint8((pos - p - 1) & 0xFF)
+                at += k
+                p = pos if k else p
+            prev = p
+        else:
+            while x != 0:
+                low = x & (~x + _ONE)
+                pos = base + _byte_sum((low - _ONE) & _ONES)
+                at = _put_varint(out, at, pos - prev - 1)
+                prev = pos
+                x = x ^ low
+    for j in range(8 * nw, hi):
+        if m[j]:
+            at = _put_varint(out, at, j - prev - 1)
+            prev = j
 
 
-def _gap_write(m, lead, offsets, out):
+def _gap_write(m, words, first, lead, offsets, out):
     n = m.shape[0]
-    for b in prange(lead.shape[0]):
+    nb = lead.shape[0]
+    for b in prange(nb):
         lo = b * _BLOCK
-        _gap_write_block(m, lo, min(lo + _BLOCK, n), lead[b], offsets[b], out)
+        end = offsets[b + 1] if b + 1 < nb else out.shape[0]
+        _gap_write_block(m, words, lo, min(lo + _BLOCK, n), first[b], lead[b], offsets[b],
+                         end, out)
 
 
 _gap_write, _gap_write_par = twins(_gap_write)
+
+
+def _words(m):
+    """The whole 8-entry words of a flat bool array as uint64 (a view when aligned)."""
+    nw = m.shape[0] // 8
+    head = m[:8 * nw]
+    if head.ctypes.data % 8:
+        head = head.copy()
+    return head.view(np.uint64)
 
 
 def _gap_plan(m):
@@ -203,11 +285,13 @@ def _gap_plan(m):
     cnt = np.empty(nb, np.int64)
     nbytes = np.empty(nb, np.int64)
     par = _use_parallel(m.size)
-    (_gap_scan_par if par else _gap_scan)(m, first, last, cnt, nbytes)
+    words = _words(m)
+    with np.errstate(over="ignore"):  # uint64 products wrap on purpose (no-JIT runs)
+        (_gap_scan_par if par else _gap_scan)(m, words, first, last, cnt, nbytes)
     lead = np.empty(nb, np.int64)
     offsets = np.empty(nb, np.int64)
-    total = int(_gap_offsets(first, last, nbytes, lead, offsets))
-    return lead, offsets, total, par, int(cnt.sum())
+    total = int(_gap_offsets(first, last, nbytes, lead, offsets, _BLOCK))
+    return lead, offsets, first, words, total, par, int(cnt.sum())
 
 
 def gap_encode(mask):
@@ -223,9 +307,10 @@ def gap_encode(mask):
     """
     fn = "gap_encode"
     m = _check_bool(fn, "mask", mask, None).reshape(-1)
-    lead, offsets, total, par, _ = _gap_plan(m)
+    lead, offsets, first, words, total, par, _ = _gap_plan(m)
     out = np.empty(total, dtype=np.uint8)
-    (_gap_write_par if par else _gap_write)(m, lead, offsets, out)
+    with np.errstate(over="ignore"):
+        (_gap_write_par if par else _gap_write)(m, words, first, lead, offsets, out)
     return out
 
 
@@ -320,5 +405,5 @@ def mask_coding_cost(mask):
     """
     fn = "mask_coding_cost"
     m = _check_bool(fn, "mask", mask, None).reshape(-1)
-    _, _, total, _, kept = _gap_plan(m)
+    _, _, _, _, total, _, kept = _gap_plan(m)
     return MaskCodingCost(n=int(m.size), kept=kept, bitmask=(m.size + 7) // 8, gap=total)
