@@ -45,6 +45,8 @@ import opq_core
 from opq_core.allocate import LayerPlan, Plan
 from opq_core.apply import layer_mask
 
+from . import calibrate as _cal
+
 from .ste import CodebookSTE, FakeQuantSTE
 
 __all__ = ["compress", "restore", "quantizers", "is_compressed", "plan_of", "masks_of", "compressed_weights",
@@ -266,7 +268,8 @@ def _numpy_weight(w):
 
 def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=None,
              method="opq", channelwise="unified", grid="offset", error_model="laplace",
-             exclude=None, masks=None) -> Plan:
+             exclude=None, masks=None, sensitivity="auto", calibration=None,
+             compensate=None, example=None) -> Plan:
     r"""Plan (or take a plan) and install it: prune + quantize every conv/linear weight.
 
     The latent weights stay the model's Parameters (now at
@@ -292,6 +295,27 @@ def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=
     masks : dict name -> bool array, optional
         Masks to install instead of those derived from the plan and the weights (needed for
         codebook layers, and for a fresh model that will load a checkpoint).
+    sensitivity : "auto" (default), None, or a mapping
+        The ``importance=`` of :func:`opq_core.plan` (ignored when ``plan`` is given).
+        ``"auto"``, data-free: ``g_c = (gamma_c / sqrt(var_c + eps))^2`` for a layer
+        followed by a BatchNorm, ``h_j = gamma_j^2 + beta_j^2`` for a layer fed by a
+        LayerNorm/BatchNorm (module graph by torch.fx, or hooks on ``example``); with
+        ``calibration``, ``h_j = E[x_j^2]`` measured on the layer's inputs instead. None:
+        the unweighted rule. A mapping: passed as is.
+        See :mod:`opq_torch.calibrate`.
+    calibration : iterable of batches, optional
+        A few batches (128-256 samples; tensors, ``(input, target)`` pairs or keyword
+        dicts) of unlabeled inputs, e.g. with the training transform. One no-grad pass of
+        the dense model gives every layer's input statistics; then the kept weights are
+        compensated (``compensate``) and BatchNorm statistics re-estimated on the compressed
+        model (:func:`opq_torch.recalibrate`). The plan, hence the file size, is the same.
+    compensate : bool, optional
+        OBS/GPTQ error compensation of the kept weights on the plan's masks and grids
+        (:func:`opq_core.compensate.compensate_layer`); default True when ``calibration``
+        is given. Layers wider than ``opq_torch.calibrate.MAX_HESSIAN`` unfolded inputs and
+        grouped convolutions are left as planned.
+    example : one input batch, optional
+        Used by ``sensitivity="auto"`` when torch.fx cannot trace the model.
 
     Returns
     -------
@@ -324,6 +348,13 @@ def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=
         raise ValueError(f"{fn}: model is already compressed (layer {q.name!r} at module "
                          f"{path!r} has an opq parametrization); compress a fresh model, or "
                          f"strip() this one first")
+    cal_stats = None
+    if calibration is not None:
+        calibration = list(calibration)
+        if not calibration:
+            raise ValueError(f"{fn}: calibration is empty (give a few batches, or None)")
+    if compensate and calibration is None:
+        raise ValueError(f"{fn}: compensate=True needs calibration= batches")
     chosen = _candidates(model)
     module_names = {p for p, _ in model.named_modules()}
     sd_names = set(model.state_dict().keys())
@@ -355,9 +386,12 @@ def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=
             raise ValueError(f"{fn}: model has no compressible layer (Linear, Conv*, "
                              f"ConvTranspose* with a floating weight) left after exclude={excl}")
         kw = {} if bits is None else {"bits": bits}
+        if calibration is not None:
+            cal_stats = _cal.calibration_stats(model, calibration, weights)
+        importance = _importance_for(model, weights, sensitivity, example, cal_stats, method)
         plan = opq_core.plan(weights, sparsity=sparsity, rate=rate, budget_bits=budget_bits,
                              method=method, channelwise=channelwise, grid=grid,
-                             error_model=error_model, **kw)
+                             error_model=error_model, importance=importance, **kw)
         planned = set(plan.names)
         plan = replace(plan, skipped=tuple(k for k in model.state_dict() if k not in planned))
     else:
@@ -378,6 +412,9 @@ def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=
             if shape != tuple(lp.shape):
                 raise ValueError(f"{fn}: plan layer {lp.name!r} has shape {tuple(lp.shape)}, the "
                                  f"model's weight has shape {shape} (a plan for another model?)")
+
+    if calibration is not None and cal_stats is None:
+        cal_stats = _cal.calibration_stats(model, calibration, set(plan.names))
 
     # ---- masks ----
     masks = {} if masks is None else dict(masks)
@@ -420,7 +457,34 @@ def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=
         mod = chosen[lp.name][0]
         q = QuantizedWeight(lp, installed[lp.name], meta, index=i)
         parametrize.register_parametrization(mod, "weight", q)
+
+    # ---- calibration: compensation, then BatchNorm statistics ----
+    if compensate is None:
+        compensate = calibration is not None
+    if compensate:
+        _cal.compensate(model, cal_stats)
+    if calibration is not None:
+        _cal.recalibrate(model, calibration)
     return plan
+
+
+def _importance_for(model, weights, sensitivity, example, cal_stats, method):
+    """The ``importance=`` of opq_core.plan for compress(sensitivity=...)."""
+    if sensitivity is None or method == "uniform":
+        return None
+    if isinstance(sensitivity, str):
+        if sensitivity != "auto":
+            raise ValueError(f"compress: sensitivity must be 'auto', None or a mapping, got "
+                             f"{sensitivity!r}")
+        imp = _cal.sensitivity(model, weights, example)
+        if cal_stats:
+            for name, st in cal_stats.items():
+                g = imp.get(name, (None, None))[0]
+                h = _cal._positive(st.moment)
+                if g is not None or h is not None:
+                    imp[name] = (g, h)
+        return imp or None
+    return sensitivity
 
 
 # --------------------------------------------------------------------------------------
