@@ -6,8 +6,10 @@ r"""Sensitivity, calibration statistics, error compensation and BatchNorm recali
   \sqrt{\sigma^2_c + \epsilon}`, so :math:`g_c = a_c^2`; a LayerNorm or BatchNorm that directly
   feeds a layer produces inputs of second moment :math:`E[x_j^2] \approx \gamma_j^2 +
   \beta_j^2` (normalized inputs have mean 0 and variance 1), so :math:`h_j = \gamma_j^2 +
-  \beta_j^2`. The graph is read with ``torch.fx``; when the model cannot be traced and an
-  example input is given, forward hooks on one pass find the same pairs.
+  \beta_j^2` (through a ReLU-like activation this is an approximation). The graph is read
+  with ``torch.fx``, which follows channelwise operations (activations, pooling, padding,
+  dropout) between the layer and the norm; when the model cannot be traced and an example
+  input is given, forward hooks on one pass find the direct module-to-module pairs.
 - :func:`calibration_stats` (with data): one forward pass of the dense model over a few
   batches gives every layer's input second moment :math:`H = E[x x^\top]` (a convolution's
   unfolded patches), whose diagonal, averaged over kernel positions, is :math:`h_j =
@@ -32,7 +34,7 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _NORM_IN = _BN + (nn.LayerNorm,)
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Above this unfolded input width a layer gets only the diagonal of H (no compensation).
-MAX_HESSIAN = 8192
+MAX_HESSIAN = 4096
 
 
 def _bn_gain2(bn) -> np.ndarray:
@@ -55,9 +57,27 @@ def _norm_moment(norm) -> np.ndarray | None:
     return g * g + b * b
 
 
+#: Channelwise operations a norm's gain passes through (ReLU-like activations are
+#: positively homogeneous; pooling, padding and dropout keep channels apart).
+_THROUGH_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish,
+                    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Dropout, nn.Identity)
+_THROUGH_NAMES = ("relu", "relu_", "relu6", "leaky_relu", "gelu", "silu", "hardswish",
+                  "max_pool1d", "max_pool2d", "max_pool3d", "pad", "dropout")
+
+
+def _through(node, mods):
+    if node.op == "call_module":
+        return isinstance(mods.get(node.target), _THROUGH_MODULES)
+    if node.op in ("call_function", "call_method"):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        return name in _THROUGH_NAMES
+    return False
+
+
 def _pairs_fx(model):
-    """[(kind, layer path, norm module)] from torch.fx: ("out", conv, bn) for a norm
-    directly after a layer, ("in", layer, norm) for a norm directly feeding a layer."""
+    """[(kind, layer path, norm module)] from torch.fx: ("out", layer, bn) for a BatchNorm
+    after a layer, ("in", layer, norm) for a norm feeding a layer, possibly through
+    channelwise operations (activations, pooling, padding) used by nothing else."""
     from torch import fx
     gm = fx.symbolic_trace(model)
     mods = dict(model.named_modules())
@@ -65,14 +85,23 @@ def _pairs_fx(model):
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(mods.get(node.target), _LAYERS):
             continue
-        users = list(node.users)
-        if len(users) == 1 and users[0].op == "call_module" and \
-                isinstance(mods.get(users[0].target), _BN):
-            pairs.append(("out", node.target, mods[users[0].target]))
+        cur = node
+        while len(cur.users) == 1:
+            nxt = next(iter(cur.users))
+            if nxt.op == "call_module" and isinstance(mods.get(nxt.target), _BN):
+                pairs.append(("out", node.target, mods[nxt.target]))
+                break
+            if not _through(nxt, mods) or not nxt.args or nxt.args[0] is not cur:
+                break
+            cur = nxt
         src = node.args[0] if node.args else None
-        if isinstance(src, fx.Node) and src.op == "call_module" and \
-                isinstance(mods.get(src.target), _NORM_IN) and len(src.users) == 1:
-            pairs.append(("in", node.target, mods[src.target]))
+        while isinstance(src, fx.Node) and len(src.users) == 1:
+            if src.op == "call_module" and isinstance(mods.get(src.target), _NORM_IN):
+                pairs.append(("in", node.target, mods[src.target]))
+                break
+            if not _through(src, mods) or not src.args:
+                break
+            src = src.args[0]
     return pairs
 
 
@@ -172,11 +201,21 @@ class LayerStats:
         self.n, self.c_in = n, c_in
 
     def add(self, rows):
-        rows = rows.detach().to(torch.float64).cpu()
-        if self.sum is not None:
-            self.sum += rows.T @ rows
-        self.diag += (rows * rows).sum(0)
+        rows = rows.detach().to(torch.float32).cpu()
+        if self.sum is not None:  # one float32 product per batch, summed in float64
+            self.sum += (rows.T @ rows).to(torch.float64)
+        self.diag += (rows * rows).sum(0, dtype=torch.float64)
         self.count += rows.shape[0]
+
+    def add_moment(self, x):
+        """Diagonal only (a layer too wide for H): ``E[x_j^2]`` per input channel from the
+        input itself, every position counted once (kernel padding not modelled)."""
+        x = x.detach().to(torch.float32).cpu()
+        c = x.shape[1]
+        per = x.transpose(0, 1).reshape(c, -1)
+        k = self.n // self.c_in
+        self.diag += (per * per).sum(1, dtype=torch.float64).repeat_interleave(k) / per.shape[1]
+        self.count += 1
 
     @property
     def hessian(self):
@@ -234,6 +273,9 @@ def calibration_stats(model, batches: Iterable, weights) -> dict:
         st = LayerStats(n, int(mod.weight.shape[1]), n <= MAX_HESSIAN)
 
         def hook(m, inp, st=st):
+            if st.sum is None and not isinstance(m, nn.Linear):
+                st.add_moment(inp[0])
+                return
             r = _rows(m, inp[0])
             if r is not None and r.shape[1] == st.n:
                 st.add(r)
