@@ -50,7 +50,7 @@ def _sorted_layer(ctx, i):
 def _lagrangian(ctx, qn_table, bits_set, mu):
     """Per layer: chosen width index, kept count, objective (error part) at multiplier mu."""
     if ctx.importance:
-        from . import _importance
+        from . import _importance_solver as _importance
         return _importance.lagrangian(ctx, qn_table, bits_set, mu)
     choice, kept_out, err_out = [], [], []
     bits_arr = np.array(bits_set, dtype=np.float64)
@@ -136,7 +136,7 @@ def _bisect_mu(ctx, score_tab, bits_set, S):
     if c0 <= S:
         return ch0, k0, 0.0
     if ctx.importance:
-        from . import _importance
+        from . import _importance_solver as _importance
         hi = _importance.max_gain(ctx)
     else:
         hi = max(float(np.max(_sorted_layer(ctx, i)[0][:, -1])) for i in range(len(ctx.names)))

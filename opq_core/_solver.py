@@ -128,7 +128,7 @@ def _layer_constants(ctx: _Context, i: int, bits: int, t_norm: float | None,
     """(step D, normalized kept-weight error) of layer i at its current threshold."""
     grid = ctx.grid
     if ctx.error_model != "laplace" and ctx.names[i] in ctx.importance:
-        from . import _importance
+        from . import _importance_solver as _importance
         return _importance.layer_constants(ctx, i, bits, lam, score_q)
     if ctx.error_model == "laplace":
         t = 0.0 if t_norm is None else t_norm
@@ -192,7 +192,7 @@ def _predicted_sparsity_lam(ctx, qn, lam):
 def _layer_scores(ctx, i, score_q):
     """Scores of layer i (importance-weighted when the layer has importance)."""
     if ctx.importance:
-        from . import _importance
+        from . import _importance_solver as _importance
         return _importance.layer_scores(ctx, i, score_q)
     return score_layer(ctx.arrays[ctx.names[i]], score_q, ctx.scales[i])
 
@@ -229,7 +229,7 @@ def _build_layers(ctx, bits, steps, qn, score_q, lams, kept, pred, errors=None):
             predicted_sparsity=float(pred[i]), pruning_error=prune_err,
             predicted_error=prune_err + quant_err))
     if ctx.importance:
-        from . import _importance
+        from . import _importance_solver as _importance
         layers = _importance.finish_layers(ctx, layers)
     return layers
 

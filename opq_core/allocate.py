@@ -252,7 +252,7 @@ def _solve_sparsity(ctx: _Context, sparsity: float, bits: int):
     n_iter = 1 if (ctx.grid == "offset" and ctx.error_model == "laplace") else 3
     realize = _realize_sparsity
     if ctx.importance:
-        from ._importance import realize_sparsity as realize
+        from ._importance_solver import realize_sparsity as realize
     for it in range(n_iter):
         kept, lams, glam, perr, ps2 = realize(ctx, sparsity, score_q)
         if it == n_iter - 1:
