@@ -130,10 +130,12 @@ def lagrangian(ctx, qn_table, bits_set, mu):
     choice, kept_out, err_out = [], [], []
     for i in range(len(ctx.names)):
         name = ctx.names[i]
-        g, h = ctx.importance.get(name, (None, None))
-        w = as_matrix(ctx.arrays[name]).astype(np.float64)
-        total = float(np.sum(weight_importance(ctx.stats[i].shape, g, h) * w * w)) if (g is not None or h is not None) \
-            else float(np.sum(w * w))
+        key = ("imp-total", i)
+        if key not in ctx._sorted:  # sum of g h w^2: everything pruned
+            g, h = ctx.importance.get(name, (None, None))
+            w = as_matrix(ctx.arrays[name]).astype(np.float64)
+            ctx._sorted[key] = float(np.sum(weight_importance(ctx.stats[i].shape, g, h) * w * w))
+        total = ctx._sorted[key]
         best = None
         for j, b in enumerate(bits_set):
             gains, pre = _sorted_gains(ctx, i, float(qn_table[i, j]))

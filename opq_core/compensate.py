@@ -26,8 +26,9 @@ OBS-optimal update of the remaining weights. Blocks of ``block`` columns are upd
 Damping: :math:`\epsilon = \text{damp} \cdot \operatorname{mean}(\operatorname{diag} H)`
 (``damp = 0.1`` by default: GPTQ uses 0.01, but the masks here are fixed by the plan rather
 than chosen by OBS, and the larger damping measured better on pruned layers); inputs that
-are always zero (``H_jj = 0``) get ``H_jj = 1``. If the result had a larger undamped output error than the plain plan (possible
-with very little calibration data), the layer's weights are returned unchanged.
+are always zero (``H_jj = 0``) get ``H_jj = 1``. If the result had a larger undamped output
+error than the plain plan (possible with very little calibration data), the layer's weights
+are returned unchanged.
 
 The plan (masks, bits, scales, thresholds, steps, codebooks) is not touched: the returned
 latent weights quantize, under the same plan and mask, to the compensated weights, and the
