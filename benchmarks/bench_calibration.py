@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import opq_torch  # noqa: E402
 from benchmarks._common import machine, markdown_table  # noqa: E402
 
-SETTINGS = [dict(sparsity=0.5, bits=4), dict(sparsity=0.75, bits=3), dict(rate=24, bits=None)]
+SETTINGS = [dict(sparsity=0.5, bits=4), dict(sparsity=0.75, bits=3)]
 METHODS = ("plain", "auto", "recal", "calib", "calib+comp")
 
 
