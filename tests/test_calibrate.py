@@ -120,17 +120,18 @@ def test_calibration_moments_are_the_layer_input_second_moments():
     st = C.calibration_stats(net, cal, NAMES)
     xs = _inputs(net, cal, NAMES)
     fc_m = (xs["fc.weight"].double() ** 2).mean(0).numpy()
-    np.testing.assert_allclose(st["fc.weight"].moment, fc_m, rtol=1e-10)
+    # float32 products per batch, summed in float64
+    np.testing.assert_allclose(st["fc.weight"].moment, fc_m, rtol=1e-6)
     # a conv: E[x_j^2] of the unfolded patches, averaged over kernel positions (zero padding)
     x = xs["c2.weight"].double()
     pat = F.unfold(x, 3).transpose(1, 2).reshape(-1, 8 * 9)
     np.testing.assert_allclose(st["c2.weight"].moment, (pat ** 2).mean(0).reshape(8, 9).mean(1),
-                               rtol=1e-10)
+                               rtol=1e-6)
     np.testing.assert_allclose(st["c2.weight"].hessian, (pat.T @ pat / pat.shape[0]).numpy(),
-                               rtol=1e-10, atol=1e-12)
+                               rtol=1e-5, atol=1e-6)
     p = opq_torch.compress(copy.deepcopy(net), sparsity=0.5, bits=4, calibration=cal,
                            compensate=False)
-    np.testing.assert_allclose(p["fc.weight"].importance_in, fc_m / fc_m.mean(), rtol=1e-10)
+    np.testing.assert_allclose(p["fc.weight"].importance_in, fc_m / fc_m.mean(), rtol=1e-6)
     g1 = _gain2(net.b1)
     np.testing.assert_allclose(p["c1.weight"].importance_out, g1 / g1.mean(), rtol=1e-12)
 
