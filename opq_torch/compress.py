@@ -470,6 +470,14 @@ def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=
     return plan
 
 
+def _unit_mean(v):
+    """``v / mean(v)``; None when that is constant (a fresh norm: the unweighted rule)."""
+    if v is None:
+        return None
+    u = v / float(np.mean(v))
+    return None if float(u.max() - u.min()) <= 1e-12 else u
+
+
 def _importance_for(model, weights, sensitivity, example, cal_stats, method):
     """The ``importance=`` of opq_core.plan for compress(sensitivity=...)."""
     if sensitivity is None or method == "uniform":
@@ -488,8 +496,8 @@ def _importance_for(model, weights, sensitivity, example, cal_stats, method):
         # each layer's importance averages 1: it redistributes the error within a layer and
         # leaves the balance between layers to the plan (absolute gains, in the units of
         # each norm, collapsed CREPE-tiny at sparsity 0.75 / 3 bits: benchmarks/results)
-        imp = {k: tuple(None if v is None else v / float(np.mean(v)) for v in gh)
-               for k, gh in imp.items()}
+        imp = {k: tuple(_unit_mean(v) for v in gh) for k, gh in imp.items()}
+        imp = {k: gh for k, gh in imp.items() if gh != (None, None)}
         return imp or None
     return sensitivity
 
