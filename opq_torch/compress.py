@@ -497,7 +497,7 @@ def _importance_for(model, weights, sensitivity, example, cal_stats, method):
         # leaves the balance between layers to the plan (absolute gains, in the units of
         # each norm, collapsed CREPE-tiny at sparsity 0.75 / 3 bits: benchmarks/results)
         imp = {k: tuple(_unit_mean(v) for v in gh) for k, gh in imp.items()}
-        imp = {k: gh for k, gh in imp.items() if gh != (None, None)}
+        imp = {k: gh for k, gh in imp.items() if gh[0] is not None or gh[1] is not None}
         return imp or None
     return sensitivity
 
