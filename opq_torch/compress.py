@@ -457,6 +457,9 @@ def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=
     meta = _plan_meta(plan)
     for i, lp in enumerate(plan.layers):
         mod = chosen[lp.name][0]
+        # an importance-weighted layer is installed with its mask and without its importance
+        # (what the .opq file stores too); the returned plan keeps it (plan.masks works)
+        lp = replace(lp, importance_out=None, importance_in=None)
         q = QuantizedWeight(lp, installed[lp.name], meta, index=i)
         parametrize.register_parametrization(mod, "weight", q)
 
