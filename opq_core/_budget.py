@@ -11,9 +11,9 @@ import numpy as np
 
 from ._jit import jit, prange, twins
 from . import error_model as em
-from ._plan import paper_rate, rate_budget_bits, score_layer
-from ._solver import (_Context, _build_layers, _kth_smallest, _layer_constants, _mean_threshold,
-                      _predicted_sparsity_lam)
+from ._plan import paper_rate, rate_budget_bits
+from ._solver import (_Context, _build_layers, _kth_smallest, _layer_constants, _layer_scores,
+                      _mean_threshold, _predicted_sparsity_lam)
 from .stats import as_matrix
 
 def _lagrangian_rows(sorted_sq, prefix, s2, bits_c, mu, out_L, out_kept):
@@ -57,6 +57,9 @@ def _sorted_layer(ctx, i):
 
 def _lagrangian(ctx, qn_table, bits_set, mu):
     """Per layer: chosen width index, kept count, objective (error part) at multiplier mu."""
+    if ctx.importance:
+        from . import _importance_solver as _importance
+        return _importance.lagrangian(ctx, qn_table, bits_set, mu)
     choice, kept_out, err_out = [], [], []
     bits_arr = np.array(bits_set, dtype=np.float64)
     for i in range(len(ctx.names)):
@@ -127,7 +130,7 @@ def _solve_budget(ctx: _Context, budget, bits_set):
         kept = _fill_budget(ctx, bits, score_q, kept, S)
     lams = np.empty(L)
     for i in range(L):
-        sc = score_layer(ctx.arrays[ctx.names[i]], score_q[i], ctx.scales[i])
+        sc = _layer_scores(ctx, i, score_q[i])
         n_pruned = int(ctx.sizes[i] - kept[i])
         lams[i] = -np.inf if n_pruned == 0 else _kth_smallest(sc, n_pruned)
         if ctx.error_model == "fitted":  # refit at the realized thresholds (masks stay)
@@ -149,7 +152,11 @@ def _bisect_mu(ctx, score_tab, bits_set, S):
     c0, ch0, k0 = cost(0.0)
     if c0 <= S:
         return ch0, k0, 0.0
-    hi = max(float(np.max(_sorted_layer(ctx, i)[0][:, -1])) for i in range(len(ctx.names)))
+    if ctx.importance:
+        from . import _importance_solver as _importance
+        hi = _importance.max_gain(ctx)
+    else:
+        hi = max(float(np.max(_sorted_layer(ctx, i)[0][:, -1])) for i in range(len(ctx.names)))
     hi = max(hi, 1e-300) / min(bits_set) * 2.0 + 1e-300
     ch, kp = None, None
     c_hi, ch, kp = cost(hi)
@@ -192,7 +199,7 @@ def _fill_budget(ctx, bits, score_q, kept, S):
     # candidates: the next weights of every layer in score order, ratio (w^2 - q)/b
     cands = []
     for i in range(L):
-        sc = score_layer(ctx.arrays[ctx.names[i]], score_q[i], ctx.scales[i])
+        sc = _layer_scores(ctx, i, score_q[i])
         n_pruned = int(ctx.sizes[i] - kept[i])
         take = int(min(n_pruned, room // bits[i]))
         if take <= 0:
@@ -304,7 +311,7 @@ def _local_search(ctx, bits_set, score_tab, choice, S, max_passes: int = 4):
     for i in range(L):
         row = []
         for j in range(len(bits_set)):
-            sc = score_layer(ctx.arrays[ctx.names[i]], score_tab[i, j], ctx.scales[i])
+            sc = _layer_scores(ctx, i, score_tab[i, j])
             sc = np.sort(sc[np.isfinite(sc)])[::-1]
             row.append(sc)
         gains.append(row)

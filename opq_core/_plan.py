@@ -78,6 +78,14 @@ class LayerPlan:
         takes the nearest centroid; its code is ``1 + index`` (0 = pruned), packed as the
         ``bits``-bit symbol ``index``. ``channel_scale``, ``step`` and ``lam`` are unused
         by the quantizer then, and the mask must be stored (it is not derived from a score).
+    importance_out, importance_in : ``None`` unless the plan was weighted
+        (``plan(importance=)``): the per-output-channel ``g_c`` and per-input-channel
+        ``h_j`` of the rule ``prune iff g_c h_j (w^2 - score_q s_c^2) < lam``
+        (:mod:`opq_core._importance`).
+    offset_lam : ``None`` for unweighted layers; for a weighted layer the ``lam`` of its
+        offset-grid thresholds ``sqrt(max(0, offset_lam + score_q s_c^2))`` (the smallest
+        unweighted score of its kept weights). A weighted layer read from a file carries
+        ``offset_lam`` but not the importance: its mask is the stored one.
     """
 
     name: str
@@ -96,6 +104,9 @@ class LayerPlan:
     pruning_error: float
     predicted_error: float
     codebook: np.ndarray | None = None
+    importance_out: np.ndarray | None = None
+    importance_in: np.ndarray | None = None
+    offset_lam: float | None = None
 
     @property
     def n(self) -> int:
@@ -125,8 +136,10 @@ class LayerPlan:
 
     @property
     def thresholds(self) -> np.ndarray:
-        """Per-channel magnitude thresholds ``theta_c = sqrt(max(0, lam + score_q s_c^2))``."""
-        return channel_thresholds(self.lam, self.score_q, self.channel_scale)
+        """Per-channel magnitude thresholds ``theta_c = sqrt(max(0, lam + score_q s_c^2))``
+        (``offset_lam`` in place of ``lam`` for a weighted layer)."""
+        lam = self.lam if self.offset_lam is None else self.offset_lam
+        return channel_thresholds(lam, self.score_q, self.channel_scale)
 
     @property
     def size_bits(self) -> int:
@@ -134,7 +147,7 @@ class LayerPlan:
         return int(self.bits) * int(self.kept)
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "name": self.name, "shape": list(self.shape), "dtype": self.dtype,
             "bits": int(self.bits), "grid": self.grid, "step": float(self.step),
             "channel_scale": [float(v) for v in self.channel_scale],
@@ -146,6 +159,14 @@ class LayerPlan:
             "codebook": (None if self.codebook is None
                          else [float(v) for v in self.codebook]),
         }
+        # weighted layers only, so that unweighted plans keep their exact form
+        for key in ("importance_out", "importance_in"):
+            v = getattr(self, key)
+            if v is not None:
+                d[key] = [float(x) for x in v]
+        if self.offset_lam is not None:
+            d["offset_lam"] = float(self.offset_lam)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "LayerPlan":
@@ -154,6 +175,11 @@ class LayerPlan:
         d["channel_scale"] = np.asarray(d["channel_scale"], dtype=np.float64)
         if d.get("codebook") is not None:
             d["codebook"] = np.asarray(d["codebook"], dtype=np.float64)
+        for key in ("importance_out", "importance_in"):
+            if d.get(key) is not None:
+                d[key] = np.asarray(d[key], dtype=np.float64)
+        if d.get("offset_lam") is not None:
+            d["offset_lam"] = float(d["offset_lam"])
         d["bits"] = int(d["bits"])
         d["kept"] = int(d["kept"])
         for k in ("step", "lam", "score_q", "quant_error", "predicted_sparsity",
@@ -440,6 +466,15 @@ def layer_mask_from(score: np.ndarray, lam: float, kept: int, name: str = "?") -
 
 def layer_mask(lp, w) -> np.ndarray:
     """The realized boolean mask (shape of the layer) of plan layer ``lp``."""
+    g = getattr(lp, "importance_out", None)
+    h = getattr(lp, "importance_in", None)
+    if g is not None or h is not None:
+        from ._importance import weighted_scores
+        score = weighted_scores(w, lp.score_q, lp.channel_scale, g, h)
+        return layer_mask_from(score, lp.lam, lp.kept, lp.name).reshape(lp.shape)
+    if getattr(lp, "offset_lam", None) is not None:
+        raise ValueError(f"layer {lp.name!r}: an importance-weighted layer without its "
+                         "importance (read from a file?) needs its stored mask; pass masks=")
     score = score_layer(w, lp.score_q, lp.channel_scale)
     return layer_mask_from(score, lp.lam, lp.kept, lp.name).reshape(lp.shape)
 

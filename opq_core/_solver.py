@@ -117,6 +117,8 @@ class _Context:
     _sorted: dict = field(default_factory=dict)
     _prefix: dict = field(default_factory=dict)
     select_seconds: float = 0.0
+    #: {layer: (g or None, h or None)} of the weighted layers (opq_core._importance)
+    importance: dict = field(default_factory=dict)
 
     @property
     def sizes(self):
@@ -127,6 +129,9 @@ def _layer_constants(ctx: _Context, i: int, bits: int, t_norm: float | None,
                      lam: float | None, score_q: float) -> tuple[float, float]:
     """(step D, normalized kept-weight error) of layer i at its current threshold."""
     grid = ctx.grid
+    if ctx.error_model == "empirical" and ctx.names[i] in ctx.importance:
+        from . import _importance_solver as _importance
+        return _importance.layer_constants(ctx, i, bits, lam, score_q)
     if ctx.error_model == "fitted":
         s = ctx.scales[i]
         live = s > 0
@@ -204,6 +209,14 @@ def _predicted_sparsity_lam(ctx, qn, lam):
     return (pruned + (sizes - live_n)) / sizes
 
 
+def _layer_scores(ctx, i, score_q):
+    """Scores of layer i (importance-weighted when the layer has importance)."""
+    if ctx.importance:
+        from . import _importance_solver as _importance
+        return _importance.layer_scores(ctx, i, score_q)
+    return score_layer(ctx.arrays[ctx.names[i]], score_q, ctx.scales[i])
+
+
 def _dead(ctx, i):
     return ctx.scales[i] <= 0
 
@@ -221,7 +234,7 @@ def _build_layers(ctx, bits, steps, qn, score_q, lams, kept, pred, errors=None):
             kept_s2 = float(fan * np.sum(s * s) - errors[1][i])
         else:
             arr = ctx.arrays[name]
-            sc = score_layer(arr, score_q[i], s)
+            sc = _layer_scores(ctx, i, score_q[i])
             mask = layer_mask_from(sc, float(lams[i]), int(kept[i]), name)
             w = as_matrix(arr).astype(np.float64)
             mk = mask.reshape(w.shape)
@@ -235,6 +248,9 @@ def _build_layers(ctx, bits, steps, qn, score_q, lams, kept, pred, errors=None):
             quant_error=float(qn[i]), kept=int(kept[i]),
             predicted_sparsity=float(pred[i]), pruning_error=prune_err,
             predicted_error=prune_err + quant_err))
+    if ctx.importance:
+        from . import _importance_solver as _importance
+        layers = _importance.finish_layers(ctx, layers)
     return layers
 
 

@@ -32,6 +32,7 @@ from ._solver import (_Context, _LazyList, _Reread, _build_layers, _channel_tabl
                       _pruned_per_channel, _round_scales, _select_layers)
 from ._budget import _solve_budget
 from .select import select_global
+from ._importance import check_importance
 
 __all__ = ["LayerPlan", "Plan", "plan", "METHODS", "CHANNELWISE", "ERROR_MODELS"]
 
@@ -57,7 +58,7 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
          rate: float | None = None, budget_bits: float | None = None,
          method: str = "opq", channelwise: str = "unified", grid: str = "offset",
          error_model: str = "fitted", exclude: Sequence[str] | None = None,
-         min_density: float = MIN_DENSITY) -> Plan:
+         min_density: float = MIN_DENSITY, importance: Mapping | None = None) -> Plan:
     """Plan pruning + quantization of every compressible layer from the weights alone.
 
     Parameters
@@ -100,6 +101,15 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
         modes, so that no layer silently collapses. Layers pruned beyond 99 % are named in
         a ``UserWarning`` and in ``Plan.message``. In sparsity mode the floor can make the
         plan prune fewer weights than asked (status 1, said in the message).
+    importance : mapping layer name -> (out, in), optional
+        The diagonal of each layer's output-error metric: ``out`` one weight ``g_c > 0``
+        per output channel, ``in`` one weight ``h_j > 0`` per input channel (``shape[1]``;
+        a convolution's applies to all its kernel positions); either may be ``None``, a dict
+        ``{"out": ..., "in": ...}`` works too, layers not named weigh 1. The cost of
+        pruning ``w_cj`` becomes ``g_c h_j (w_cj^2 - q_c)`` for the threshold rule, the
+        measured steps (``error_model="empirical"``) and the size-budget solver, still with
+        one global multiplier (see :mod:`opq_core._importance`). All ones gives exactly the
+        unweighted plan. Not used by ``method="uniform"``.
 
     Returns
     -------
@@ -112,6 +122,8 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
     ones are pruned first), and ``lam`` is the largest pruned score:
 
     .. math:: \\text{keep } w \\iff w^2 - c_{B} s_{c}^2 > \\lambda \\;(\\text{or a kept tie})
+
+    With ``importance`` the score is :math:`g_c h_j (w_{cj}^2 - c_B s_c^2)`.
 
     The analytic sparsity of layer ``i`` under the Laplace model is
     ``p_i = sum_c n_ic (1 - exp(-theta_ic / s_ic)) / n_i`` with the multiplier solved by
@@ -155,6 +167,10 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
                             else np.full(st.channels, st.scale)) for st in stats]
     ctx = _Context(names, arrays, stats, scales, grid, error_model, method, dtypes)
     ctx.floors = _floors(ctx, float(min_density))
+    ctx.importance = check_importance(importance, names, [st.shape for st in stats])
+    if ctx.importance and method == "uniform":
+        raise ValueError("importance: method='uniform' (the same sparsity in every layer) "
+                         "does not use it; use method='opq' or 'global'")
     if budget is None:
         layers, lam, status, message = _solve_sparsity(ctx, sparsity, bits_set[0])
         min_budget = None
@@ -276,8 +292,11 @@ def _solve_sparsity(ctx: _Context, sparsity: float, bits: int):
                 steps[i], qn[i] = _layer_constants(ctx, i, bits, None, alam, score_q[i])
             score_q = qn.copy() if use_q else np.zeros(L)
         n_iter = 1
+    realize = _realize_sparsity
+    if ctx.importance:
+        from ._importance_solver import realize_sparsity as realize
     for it in range(n_iter):
-        kept, lams, glam, perr, ps2 = _realize_sparsity(ctx, sparsity, score_q)
+        kept, lams, glam, perr, ps2 = realize(ctx, sparsity, score_q)
         if it == n_iter - 1:
             break
         # refine the per-layer constants at the realized thresholds

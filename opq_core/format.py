@@ -78,6 +78,9 @@ def _plan_header(plan) -> dict:
     for layer in d["layers"]:
         layer.pop("channel_scale", None)
         layer.pop("codebook", None)
+        # a weighted layer's mask is stored; its thresholds need only offset_lam
+        layer.pop("importance_out", None)
+        layer.pop("importance_in", None)
     return d
 
 

@@ -15,11 +15,12 @@ False
 """
 from .compress import (QuantizedWeight, compress, compressed_weights, is_compressed, masks_of,
                        plan_from_state_dict, plan_of, quantizers, restore, strip)
+from .calibrate import recalibrate
 from .finetune import EpochStats, History, finetune
 from .ste import CodebookSTE, FakeQuantSTE, fake_quant_codebook_ste, fake_quant_ste
 
 __all__ = ["compress", "restore", "is_compressed", "plan_of", "masks_of", "compressed_weights",
-           "strip", "plan_from_state_dict", "quantizers", "finetune", "History", "EpochStats", "save", "load",
+           "strip", "plan_from_state_dict", "quantizers", "finetune", "recalibrate", "History", "EpochStats", "save", "load",
            "FakeQuantSTE", "CodebookSTE", "fake_quant_ste", "fake_quant_codebook_ste",
            "QuantizedWeight", "load_pretrained", "pack", "export_onnx"]
 
