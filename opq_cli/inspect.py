@@ -31,7 +31,9 @@ def cmd_inspect(args):
     from opq_core.format import OpqStream, read_opq
     _check_paths([("--plot", args.plot)], [("FILE.opq", args.file)])
     _check_plot(args.plot)
+    costs = {}
     if args.verify:  # decode every layer, one at a time (memory: one layer)
+        from opq_core.kernels import mask_coding_cost
         with OpqStream(args.file) as s:
             f = s.file
             names = f.plan.names
@@ -39,7 +41,8 @@ def cmd_inspect(args):
                 from tqdm import tqdm
                 names = tqdm(names, desc="verify", unit="layer", leave=False)
             for name in names:
-                s.tensor(name)
+                # a kept weight never decodes to 0: the mask is where the weights are nonzero
+                costs[name] = mask_coding_cost(s.tensor(name) != 0)
     else:
         f = read_opq(args.file, decode=False)
     rates = input_rates(f)
@@ -48,7 +51,7 @@ def cmd_inspect(args):
         d["plan"] = f.plan.to_dict()
         d["verified"] = bool(args.verify)
         d.update(rates)
-        d["exports"] = _exports(f)
+        d["exports"] = _exports(f, costs)
         print(_dumps(d))
     else:
         print(f.table())
@@ -57,7 +60,7 @@ def cmd_inspect(args):
             print(f"against the input dtype ({', '.join(rates['input_dtypes'])}: "
                   f"{rates['input_bytes']} bytes): storage_rate={r:.2f}x "
                   f"(the rates above are against float32)")
-        print(_exports_table(_exports(f)))
+        print(_exports_table(_exports(f, costs)))
         if args.verify:
             print("verified: every layer decodes")
     if args.plot:
@@ -66,9 +69,9 @@ def cmd_inspect(args):
     return 0
 
 
-def _exports(f):
+def _exports(f, costs=None):
     from opq_core.export_onnx import exports_of
-    return exports_of(f)
+    return exports_of(f, costs)
 
 
 def _exports_table(rows) -> str:

@@ -82,9 +82,6 @@ def _parse(path, f):
                              f"reads ({FORMAT_VERSION}); upgrade opq")
     if version < 1:
         raise OpqFormatError(f"{where} has an unknown format version {version}")
-    if meta.get("layout") not in LAYOUTS:
-        raise _bad(path, f"unknown layout {meta.get('layout')!r} (expected one of {LAYOUTS})",
-                   field="layout")
     # every entry: dtype, shape, offsets inside the file, tiling the payload exactly
     try:
         header = _safetensors_header(path)
@@ -115,6 +112,10 @@ def _parse(path, f):
     if h.hexdigest() != sha:
         raise OpqFormatError(f"{where} is corrupt: checksum mismatch (the file was changed or "
                              "damaged after it was written)")
+    # after the checksum: a damaged byte anywhere reads as corrupt, not as a bad field
+    if meta.get("layout") not in LAYOUTS:
+        raise _bad(path, f"unknown layout {meta.get('layout')!r} (expected one of {LAYOUTS})",
+                   field="layout")
     return fb, header, 8 + hlen, version, meta["layout"]
 
 

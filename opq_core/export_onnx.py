@@ -475,12 +475,14 @@ def write_onnx(model, path) -> int:
     return len(data)
 
 
-def exports_of(cf) -> list:
+def exports_of(cf, mask_costs=None) -> list:
     """Per layer of a read ``.opq`` file (:class:`opq_core.format.CompressedFile`), what each
     way to run it keeps compressed: ``onnx`` (the encoding of :func:`compress_onnx`) and
     ``onnx_bytes``; ``pack`` (the index of :func:`opq_torch.pack`: ``"bitmask"``,
     ``"gap"``, ``"none"``, or ``None`` when only the masks would tell: an entropy-coded file
-    read without decoding) with ``bits``-bit codes."""
+    read without decoding) with ``bits``-bit codes. ``mask_costs``: name ->
+    :class:`opq_core.kernels.MaskCodingCost` of layers decoded one at a time (their masks
+    are not kept)."""
     from .kernels import mask_coding_cost
     out = []
     for lp, rec in zip(cf.plan.layers, cf.layers):
@@ -489,8 +491,8 @@ def exports_of(cf) -> list:
             pack = "none"
         elif cf.layout == "packed":
             pack = rec.mask_coding
-        elif lp.name in cf.masks:
-            cost = mask_coding_cost(cf.masks[lp.name])
+        elif lp.name in cf.masks or lp.name in (mask_costs or {}):
+            cost = (mask_costs or {}).get(lp.name) or mask_coding_cost(cf.masks[lp.name])
             pack = "gap" if cost["gap"] < cost["bitmask"] else "bitmask"
         else:
             pack = None
