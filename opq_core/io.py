@@ -21,27 +21,10 @@ __all__ = ["open_weights", "open_folder", "load_weights", "save_weights", "atomi
 from ._atomic import atomic_write, clean_stale_temporaries  # noqa: F401 (re-exported)
 from ._readers import (WeightFileError, _check_npz, _load_onnx, _load_pt_full, _npz_info,
                        _npz_member, _onnx_model, _read_safetensors_tensor, _safetensors_header,
-                       _safetensors_info, check_input_file, MAX_EXPANSION)  # noqa: F401
+                       _safetensors_info, check_input_file, MAX_EXPANSION, FORMATS,
+                       _first_line, _format_of)  # noqa: F401
 from ._shards import write_safetensors_stream  # noqa: F401 (re-exported)
 
-
-FORMATS = {".npz": "npz", ".safetensors": "safetensors", ".pt": "pt", ".pth": "pt",
-           ".bin": "pt", ".onnx": "onnx"}
-
-
-
-
-def _first_line(exc) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _format_of(path, argument="path") -> str:
-    ext = Path(path).suffix.lower()
-    if ext not in FORMATS:
-        raise ValueError(f"{argument}: unknown weight file type {ext!r} of {str(path)!r}; "
-                         f"expected one of {sorted(FORMATS)}")
-    return FORMATS[ext]
 
 
 class LazyWeights(Mapping):
