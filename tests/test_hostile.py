@@ -367,7 +367,10 @@ def test_builtin_train_hook_gets_the_real_torch(tmp_path, good):
 
 _SLOW_WRITE = r"""
 import os, sys, time
+import signal
 import opq_core._atomic as io
+# as at a terminal: a shell that starts background jobs (CI) may leave SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 real = os.fsync
 def slow(fd):
     open(sys.argv[1], "w").close()
