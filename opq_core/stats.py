@@ -75,12 +75,25 @@ def _stored_scale(s):
     return math.ldexp(np.rint(m * 16777216.0) / 16777216.0, e)
 
 
+@jit()
+def _hist_row(xc, r, g, inv_w, h):
+    """Add one row's ``u = |w| r`` (weight ``g``) to the (bins, 3) histogram ``h``."""
+    nb = h.shape[0]
+    for j in range(xc.shape[0]):
+        u = abs(np.float64(xc[j])) * r
+        b = np.int64(u * inv_w)
+        if b >= nb:
+            b = nb - 1
+        h[b, 0] += g
+        h[b, 1] += g * u
+        h[b, 2] += g * (u * u)
+
+
 def _abs_sum_hist_rows(x, rows_per_chunk, inv_w, out_sum, out_bad, hist):
     # One pass: each row's |w| sum (its Laplace scale), then, with the row still in cache,
     # the histogram of |w| / s_c into the chunk's own (bins, 3) slice.
     C = x.shape[0]
     fan = x.shape[1]
-    nb = hist.shape[1]
     for ch in prange(hist.shape[0]):
         r0 = ch * rows_per_chunk
         r1 = min(C, r0 + rows_per_chunk)
@@ -99,14 +112,7 @@ def _abs_sum_hist_rows(x, rows_per_chunk, inv_w, out_sum, out_bad, hist):
             ss = _stored_scale(acc / fan)
             r = 1.0 / ss
             g = ss * ss
-            for j in range(fan):
-                u = abs(np.float64(x[c, j])) * r
-                b = np.int64(u * inv_w)
-                if b >= nb:
-                    b = nb - 1
-                hist[ch, b, 0] += g
-                hist[ch, b, 1] += g * u
-                hist[ch, b, 2] += g * (u * u)
+            _hist_row(x[c], r, g, inv_w, hist[ch])
 
 
 _abs_sum_hist_rows, _abs_sum_hist_rows_par = twins(_abs_sum_hist_rows)
@@ -115,8 +121,6 @@ _abs_sum_hist_rows, _abs_sum_hist_rows_par = twins(_abs_sum_hist_rows)
 def _hist_rows(x, rows_per_chunk, inv_w, scale, hist):
     # the histogram of |w| / scale[c] for given scales (channelwise="layer")
     C = x.shape[0]
-    fan = x.shape[1]
-    nb = hist.shape[1]
     for ch in prange(hist.shape[0]):
         r0 = ch * rows_per_chunk
         r1 = min(C, r0 + rows_per_chunk)
@@ -125,14 +129,7 @@ def _hist_rows(x, rows_per_chunk, inv_w, scale, hist):
                 continue
             r = 1.0 / scale[c]
             g = scale[c] * scale[c]
-            for j in range(fan):
-                u = abs(np.float64(x[c, j])) * r
-                b = np.int64(u * inv_w)
-                if b >= nb:
-                    b = nb - 1
-                hist[ch, b, 0] += g
-                hist[ch, b, 1] += g * u
-                hist[ch, b, 2] += g * (u * u)
+            _hist_row(x[c], r, g, inv_w, hist[ch])
 
 
 _hist_rows, _hist_rows_par = twins(_hist_rows)
