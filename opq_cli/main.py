@@ -64,6 +64,11 @@ holding the checkpoint's weights), 'train_loader' and optionally 'eval_loader'
 """
 
 
+def _add_plot_arg(p):
+    p.add_argument("--plot", metavar="FILE.png", help="per-layer chart, .png, .pdf or .svg by "
+                                                      "the extension (needs matplotlib)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(
         prog="opq",
@@ -81,8 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("-o", "--output", help="also write the plan as JSON to this file")
-    p.add_argument("--plot", metavar="FILE.png", help="per-layer chart, .png, .pdf or .svg by "
-                                                      "the extension (needs matplotlib)")
+    _add_plot_arg(p)
     p.set_defaults(func=cmd_plan)
 
     c = sub.add_parser("compress", help="prune + quantize a checkpoint into a .opq file",
@@ -116,8 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads while training (default: torch's own; 1 is often "
                         "fastest for small models on a busy machine)")
     c.add_argument("--json", action="store_true", help="print the file's accounting as JSON")
-    c.add_argument("--plot", metavar="FILE.png", help="per-layer chart, .png, .pdf or .svg by "
-                                                      "the extension (needs matplotlib)")
+    _add_plot_arg(c)
     c.set_defaults(func=cmd_compress)
 
     i = sub.add_parser("inspect", help="sizes and rates of a .opq file",
@@ -127,8 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file", metavar="FILE.opq")
     i.add_argument("--json", action="store_true", help="print as JSON (with the plan)")
     i.add_argument("--verify", action="store_true", help="also decode every layer")
-    i.add_argument("--plot", metavar="FILE.png", help="per-layer chart, .png, .pdf or .svg by "
-                                                      "the extension (needs matplotlib)")
+    _add_plot_arg(i)
     i.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     i.set_defaults(func=cmd_inspect)
 
