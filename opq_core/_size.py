@@ -17,7 +17,9 @@ is met by measurement, not by a model:
   enough) keeps the largest ``F(S) <= size_bytes`` found, and stops once it is within
   ``TOLERANCE`` of the budget.
 
-The chosen plan is the one whose size was measured: writing it with the same ``other``
+The file's header does not hold the budget or the size (only ``budget_bits``), so the
+smallest file of a model does not depend on the budget asked. The chosen plan is the one
+whose size was measured: writing it with the same ``other``
 tensors, ``layout`` and ``metadata`` gives a file of exactly ``Plan.predicted_bytes``
 bytes, never more than ``size_bytes``.
 """
@@ -130,8 +132,8 @@ def plan_for_size(weights, size_bytes, *, layout="entropy", other=None, metadata
         if p.status == 2:  # below the smallest feasible budget in bits
             trials[S] = (p, None, caught)
             return trials[S]
-        head = (f"the whole model at {widest} bits fits in {budget} bytes" if S >= s_all else
-                f"the largest plan found whose {layout} .opq file fits in {budget} bytes")
+        head = (f"the largest plan in bits ({widest} bits) fits in budget_bytes" if S >= s_all
+                else f"the largest plan found whose {layout} .opq file fits in budget_bytes")
         p = replace(p, budget_bytes=budget, status=1 if S >= s_all else p.status,
                     message=f"{head}: budget_bits {S:.0f}; {p.message}")
         if finish is not None:

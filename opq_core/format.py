@@ -75,7 +75,10 @@ __all__ = ["FORMAT_VERSION", "LAYOUTS", "write_opq", "opq_file_bytes", "read_opq
 def _plan_header(plan) -> dict:
     d = plan.to_dict()
     d.pop("totals", None)
-    d.pop("predicted_bytes", None)  # the size of the file itself: not part of it
+    # the size of the file and its budget: not part of it (the smallest file of a model
+    # must not depend on the digits of the budget)
+    d.pop("predicted_bytes", None)
+    d.pop("budget_bytes", None)
     for layer in d["layers"]:
         layer.pop("channel_scale", None)
         layer.pop("codebook", None)
