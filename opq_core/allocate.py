@@ -47,7 +47,7 @@ MIN_DENSITY = 0.002
 #: Default per-output-channel floor: every output channel with a non-zero weight keeps at
 #: least ``min(MIN_PER_CHANNEL, its non-zero weights)`` weights (its largest scores), in
 #: both modes; ``min_per_channel=`` changes it (0: channels may be pruned whole).
-MIN_PER_CHANNEL = 1
+MIN_PER_CHANNEL = 0
 
 #: Layers pruned beyond this fraction are named in a warning and in ``Plan.message``.
 WARN_SPARSITY = 0.99
@@ -109,7 +109,7 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
         a ``UserWarning`` and in ``Plan.message``. In sparsity mode the floor can make the
         plan prune fewer weights than asked (status 1, said in the message).
     min_per_channel : int >= 0
-        Per-output-channel floor (default ``MIN_PER_CHANNEL`` = 1): the
+        Per-output-channel floor (default ``MIN_PER_CHANNEL`` = 0: off, for now): the
         ``min_per_channel`` largest scores of every output channel (non-zero weights
         only) are kept whatever the threshold, in both modes, so that no output channel is
         pruned to zero; 0 lets the rule prune channels whole. The kept weights of such a

@@ -226,8 +226,8 @@ def test_channel_floor_holds_in_both_modes(seed, f, sparse, target, method):
 
 def test_channel_floor_default_and_off():
     w = _floor_model(7)
-    p = opq_core.plan(w, sparsity=0.99, bits=3)
-    q = opq_core.plan(w, sparsity=0.99, bits=3, min_per_channel=0)
+    p = opq_core.plan(w, sparsity=0.99, bits=3, min_per_channel=1)
+    q = opq_core.plan(w, sparsity=0.99, bits=3)
     mp, mq = p.masks(w), q.masks(w)
     live = np.count_nonzero(w["b.weight"], axis=1) > 0
     assert np.all(mp["b.weight"].sum(axis=1)[live] >= 1)
