@@ -26,8 +26,7 @@ def realize_sparsity(ctx, sparsity: float, score_q):
     reproduces)."""
     L = len(ctx.names)
     sizes = ctx.sizes
-    from ._solver import _layer_scores  # with the per-channel floor
-    scs = [_layer_scores(ctx, i, float(score_q[i])) for i in range(L)]
+    scs = [layer_scores(ctx, i, float(score_q[i])) for i in range(L)]
     N = int(sizes.sum())
     n_dead = sum(int(np.count_nonzero(np.isneginf(s))) for s in scs)
     k = max(round(sparsity * N), n_dead)

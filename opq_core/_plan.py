@@ -22,7 +22,7 @@ from .stats import check_weight
 
 __all__ = ["LayerPlan", "Plan", "opq_scores", "channel_thresholds", "layer_mask",
            "layer_mask_from", "apply_layer", "compute_dtype", "PLAN_VERSION", "paper_rate",
-           "rate_budget_bits", "protect_channels"]
+           "rate_budget_bits"]
 
 #: Version of the plan's dict/JSON form.
 PLAN_VERSION = 1
@@ -82,9 +82,6 @@ class LayerPlan:
         (``plan(importance=)``): the per-output-channel ``g_c`` and per-input-channel
         ``h_j`` of the rule ``prune iff g_c h_j (w^2 - score_q s_c^2) < lam``
         (:mod:`opq_core._importance`).
-    min_per_channel : the per-output-channel floor: the ``min_per_channel`` largest scores
-        of every channel (its non-zero weights only) are kept whatever ``lam``
-        (:func:`protect_channels`); 0: none.
     offset_lam : ``None`` for unweighted layers; for a weighted layer the ``lam`` of its
         offset-grid thresholds ``sqrt(max(0, offset_lam + score_q s_c^2))`` (the smallest
         unweighted score of its kept weights). A weighted layer read from a file carries
@@ -110,7 +107,6 @@ class LayerPlan:
     importance_out: np.ndarray | None = None
     importance_in: np.ndarray | None = None
     offset_lam: float | None = None
-    min_per_channel: int = 0
 
     @property
     def n(self) -> int:
@@ -170,8 +166,6 @@ class LayerPlan:
                 d[key] = [float(x) for x in v]
         if self.offset_lam is not None:
             d["offset_lam"] = float(self.offset_lam)
-        if self.min_per_channel:
-            d["min_per_channel"] = int(self.min_per_channel)
         return d
 
     @classmethod
@@ -188,7 +182,6 @@ class LayerPlan:
             d["offset_lam"] = float(d["offset_lam"])
         d["bits"] = int(d["bits"])
         d["kept"] = int(d["kept"])
-        d["min_per_channel"] = int(d.get("min_per_channel", 0))
         for k in ("step", "lam", "score_q", "quant_error", "predicted_sparsity",
                   "pruning_error", "predicted_error"):
             d[k] = float(d[k])
@@ -453,32 +446,6 @@ def opq_scores(w, score_q: float, channel_scale) -> np.ndarray:
     return scores(np.asarray(w), float(score_q) * (s * s), s <= 0)
 
 
-def protect_channels(score, w, per_channel: int) -> np.ndarray:
-    """The per-output-channel floor on a layer's scores: a float64 copy of ``score``
-    (flat) where the ``per_channel`` largest scores of every output channel (row of
-    ``w``), among its non-zero weights, are ``+inf``: always kept. Ties go to the first in
-    the row. A non-zero weight always outscores a zero one of its channel, so a channel
-    keeps ``min(per_channel, its non-zero weights)`` weights whatever the threshold.
-
-    >>> protect_channels(np.array([-0.75, 3.0, 0.5, 0.1]), np.array([[0.5, 2.0], [1.0, 0.0]]), 1)
-    array([-0.75,   inf,   inf,  0.1 ])
-    """
-    w = np.asarray(w)
-    sc = np.array(score, dtype=np.float64).reshape(-1)
-    if per_channel <= 0 or sc.size == 0:
-        return sc
-    rows = sc.reshape(int(w.shape[0]), -1)
-    wr = w.reshape(rows.shape)
-    if per_channel == 1:
-        idx = np.argmax(rows, axis=1)[:, None]
-    else:
-        idx = np.argsort(-rows, axis=1, kind="stable")[:, :per_channel]
-    rr = np.broadcast_to(np.arange(rows.shape[0])[:, None], idx.shape)
-    ok = wr[rr, idx] != 0
-    rows[rr[ok], idx[ok]] = np.inf
-    return sc
-
-
 #: Former name of :func:`opq_scores`.
 score_layer = opq_scores
 
@@ -512,13 +479,11 @@ def layer_mask(lp, w) -> np.ndarray:
     if g is not None or h is not None:
         from ._importance import weighted_scores
         score = weighted_scores(w, lp.score_q, lp.channel_scale, g, h)
-        score = protect_channels(score, w, getattr(lp, "min_per_channel", 0))
         return layer_mask_from(score, lp.lam, lp.kept, lp.name).reshape(lp.shape)
     if getattr(lp, "offset_lam", None) is not None:
         raise ValueError(f"layer {lp.name!r}: an importance-weighted layer without its "
                          "importance (read from a file?) needs its stored mask; pass masks=")
-    score = protect_channels(score_layer(w, lp.score_q, lp.channel_scale), w,
-                             getattr(lp, "min_per_channel", 0))
+    score = score_layer(w, lp.score_q, lp.channel_scale)
     return layer_mask_from(score, lp.lam, lp.kept, lp.name).reshape(lp.shape)
 
 

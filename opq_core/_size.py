@@ -18,7 +18,9 @@ is met by measurement, not by a model:
   ``TOLERANCE`` of the budget.
 
 The file's header does not hold the budget or the size (only ``budget_bits``), so the
-smallest file of a model does not depend on the budget asked. The chosen plan is the one
+smallest file of a model does not depend on the budget asked, bar a few bytes: the header
+stores the plan's timings (``solve_seconds``...), whose digits differ from call to call.
+The chosen plan is the one
 whose size was measured: writing it with the same ``other``
 tensors, ``layout`` and ``metadata`` gives a file of exactly ``Plan.predicted_bytes``
 bytes, never more than ``size_bytes``.
@@ -201,8 +203,8 @@ def plan_for_size(weights, size_bytes, *, layout="entropy", other=None, metadata
             raise ValueError(
                 f"size_bytes: {budget} bytes is below the smallest .opq file of these weights, "
                 f"{smallest} bytes ({layout} layout: every layer at its floor of kept weights "
-                f"and the narrowest width; exclude layers, lower min_density or "
-                f"min_per_channel, or give a larger size)")
+                f"and the narrowest width; exclude layers, lower min_density "
+                f"or give a larger size)")
         lo = (s_min, b_min)
     best_p, best_b, caught = trials[lo[0]]
     for w in caught:  # the chosen plan's own warnings, once

@@ -10,7 +10,7 @@ import numpy as np
 
 
 from . import error_model as em
-from ._plan import LayerPlan, channel_thresholds, layer_mask_from, protect_channels, score_layer
+from ._plan import LayerPlan, channel_thresholds, layer_mask_from, score_layer
 from .io import LazyWeights, tensor_info
 from .stats import as_matrix, check_weight, magnitude_histogram
 from ._fit import fit_step, prefix
@@ -211,13 +211,10 @@ def _predicted_sparsity_lam(ctx, qn, lam):
 
 def _layer_scores(ctx, i, score_q):
     """Scores of layer i (importance-weighted when the layer has importance)."""
-    w = ctx.arrays[ctx.names[i]]
     if ctx.importance:
         from . import _importance_solver as _importance
-        sc = _importance.layer_scores(ctx, i, score_q)
-    else:
-        sc = score_layer(w, score_q, ctx.scales[i])
-    return protect_channels(sc, w, getattr(ctx, "min_per_channel", 0))
+        return _importance.layer_scores(ctx, i, score_q)
+    return score_layer(ctx.arrays[ctx.names[i]], score_q, ctx.scales[i])
 
 
 def _dead(ctx, i):
@@ -250,8 +247,7 @@ def _build_layers(ctx, bits, steps, qn, score_q, lams, kept, pred, errors=None):
             scale_dtype=_scale_dtype(s), lam=float(lams[i]), score_q=float(score_q[i]),
             quant_error=float(qn[i]), kept=int(kept[i]),
             predicted_sparsity=float(pred[i]), pruning_error=prune_err,
-            predicted_error=prune_err + quant_err,
-            min_per_channel=int(getattr(ctx, "min_per_channel", 0))))
+            predicted_error=prune_err + quant_err))
     if ctx.importance:
         from . import _importance_solver as _importance
         layers = _importance.finish_layers(ctx, layers)

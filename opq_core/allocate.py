@@ -44,11 +44,6 @@ ERROR_MODELS = ("fitted", "laplace", "empirical")
 #: weights (its largest scores), in both modes; ``min_density=`` changes it.
 MIN_DENSITY = 0.002
 
-#: Default per-output-channel floor: every output channel with a non-zero weight keeps at
-#: least ``min(MIN_PER_CHANNEL, its non-zero weights)`` weights (its largest scores), in
-#: both modes; ``min_per_channel=`` changes it (0: channels may be pruned whole).
-MIN_PER_CHANNEL = 0
-
 #: Layers pruned beyond this fraction are named in a warning and in ``Plan.message``.
 WARN_SPARSITY = 0.99
 
@@ -64,7 +59,7 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
          method: str = "opq", channelwise: str = "unified", grid: str = "offset",
          error_model: str = "fitted", exclude: Sequence[str] | None = None,
          min_density: float = MIN_DENSITY, importance: Mapping | None = None,
-         min_per_channel: int = MIN_PER_CHANNEL, size_bytes: int | None = None, layout: str | None = None,
+         size_bytes: int | None = None, layout: str | None = None,
          other: Mapping | None = None, metadata: Mapping | None = None) -> Plan:
     """Plan pruning + quantization of every compressible layer from the weights alone.
 
@@ -108,15 +103,6 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
         modes, so that no layer silently collapses. Layers pruned beyond 99 % are named in
         a ``UserWarning`` and in ``Plan.message``. In sparsity mode the floor can make the
         plan prune fewer weights than asked (status 1, said in the message).
-    min_per_channel : int >= 0
-        Per-output-channel floor (default ``MIN_PER_CHANNEL`` = 0: off, for now): the
-        ``min_per_channel`` largest scores of every output channel (non-zero weights
-        only) are kept whatever the threshold, in both modes, so that no output channel is
-        pruned to zero; 0 lets the rule prune channels whole. The kept weights of such a
-        channel that fall below its threshold quantize to its first level (offset grid:
-        ``theta_c + s_c D / 2``; symmetric: ``s_c D``): the thresholds, hence the file's
-        decoder, are unchanged. The layer floor counts them (a layer keeps at least
-        ``max(ceil(min_density n_i), its protected weights)``).
     importance : mapping layer name -> (out, in), optional
         The diagonal of each layer's output-error metric: ``out`` one weight ``g_c > 0``
         per output channel, ``in`` one weight ``h_j > 0`` per input channel (``shape[1]``;
@@ -175,8 +161,7 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
                 raise ValueError(f"give size_bytes= or {arg}=, not both")
         from ._size import plan_for_size
         kw = dict(method=method, channelwise=channelwise, grid=grid, error_model=error_model,
-                  exclude=exclude, min_density=min_density, importance=importance,
-                  min_per_channel=min_per_channel)
+                  exclude=exclude, min_density=min_density, importance=importance)
         if bits is not _UNSET:
             kw["bits"] = bits
         return plan_for_size(weights, size_bytes, layout="entropy" if layout is None else layout,
@@ -192,9 +177,6 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
         raise TypeError(f"min_density must be a number in [0, 1), got {min_density!r}")
     if not 0.0 <= float(min_density) < 1.0:
         raise ValueError(f"min_density must be in [0, 1), got {min_density!r}")
-    if isinstance(min_per_channel, bool) or not isinstance(min_per_channel, (int, np.integer)) \
-            or min_per_channel < 0:
-        raise ValueError(f"min_per_channel must be an integer >= 0, got {min_per_channel!r}")
     names, skipped = _select_layers(weights, exclude)
     # A lazy source (a file opened with opq_core.open_weights) is read again tensor by
     # tensor on every pass instead of being held: peak memory is bounded by the largest
@@ -215,7 +197,6 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
     scales = [_round_scales(st.channel_scale if channelwise == "unified"
                             else np.full(st.channels, st.scale)) for st in stats]
     ctx = _Context(names, arrays, stats, scales, grid, error_model, method, dtypes)
-    ctx.min_per_channel = int(min_per_channel)
     ctx.floors = _floors(ctx, float(min_density))
     ctx.importance = check_importance(importance, names, [st.shape for st in stats])
     if ctx.importance and method == "uniform":
@@ -382,43 +363,12 @@ def _solve_sparsity(ctx: _Context, sparsity: float, bits: int):
 
 
 def _floors(ctx, min_density):
-    """Kept-weight floor per layer: ceil(min_density n_i), at most its live weights, and
-    at least its weights protected by the per-channel floor (min(f, nnz_c) per channel)."""
+    """Kept-weight floor per layer: ceil(min_density n_i), at most its live weights."""
     out = np.zeros(len(ctx.names), dtype=np.int64)
-    f = getattr(ctx, "min_per_channel", 0)
     for i, st in enumerate(ctx.stats):
         live = int(np.count_nonzero(ctx.scales[i] > 0)) * (st.n // max(st.channels, 1))
         out[i] = min(live, math.ceil(min_density * st.n - 1e-9)) if min_density > 0 else 0
-        if f > 0:
-            w = ctx.arrays[ctx.names[i]]
-            nnz = np.count_nonzero(np.asarray(w).reshape(st.shape[0], -1), axis=1)
-            out[i] = max(out[i], int(np.minimum(nnz, f).sum()))
     return out
-
-
-class _Protected:
-    """The layers as the selection sees them under the per-channel floor: a copy of each
-    weight array whose protected entries (:func:`opq_core._plan.protect_channels`) are
-    ``+inf`` (score ``+inf``: never pruned); fetched on access, like the layers."""
-
-    def __init__(self, ws, score_q, scales, f):
-        self._ws, self._q, self._s, self._f = ws, score_q, scales, f
-
-    def __len__(self):
-        return len(self._ws)
-
-    def __getitem__(self, i):
-        if not 0 <= i < len(self._ws):
-            raise IndexError(i)
-        w = self._ws[i]
-        if self._f <= 0:
-            return w
-        from ._plan import protect_channels
-        sc = score_layer(w, float(self._q[i]), self._s[i])
-        pr = protect_channels(sc, w, self._f)
-        out = np.array(w, copy=True)
-        out.reshape(-1)[np.isposinf(pr) & ~np.isposinf(sc)] = np.inf
-        return out
 
 
 def _warn_collapse(layers, ctx, msg):
@@ -443,7 +393,6 @@ def _realize_sparsity(ctx: _Context, sparsity: float, score_q: np.ndarray):
     sizes = ctx.sizes
     ws = _LazyList(ctx.arrays, ctx.names) if isinstance(ctx.arrays, _Reread) else \
         [ctx.arrays[n] for n in ctx.names]
-    ws = _Protected(ws, score_q, ctx.scales, getattr(ctx, "min_per_channel", 0))
     s2s = [ctx.scales[i] * ctx.scales[i] for i in range(L)]
     qcs = [float(score_q[i]) * s2s[i] for i in range(L)]
     deads = [_dead(ctx, i) for i in range(L)]

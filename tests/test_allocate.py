@@ -43,7 +43,7 @@ def objective(p, w, masks):
 def test_exact_count_and_score_order(method, sparsity):
     w = laplace_net(1)
     # the pure global rule with the closed-form constants (no floor)
-    p = plan(w, sparsity=sparsity, bits=3, method=method, error_model="laplace", min_density=0, min_per_channel=0)
+    p = plan(w, sparsity=sparsity, bits=3, method=method, error_model="laplace", min_density=0)
     masks = p.masks(w)
     N = p.n
     assert sum(int(m.sum()) for m in masks.values()) == p.kept == N - round(sparsity * N)
@@ -72,7 +72,7 @@ def test_opq_matches_brute_force_on_tiny_problems():
              "b": rng.laplace(size=(3, 2)) * rng.uniform(0.1, 2)}
         sp = rng.choice([0.25, 0.5, 0.75])
         bits = int(rng.integers(1, 9))
-        p = plan(w, sparsity=sp, bits=bits, error_model="laplace", min_density=0, min_per_channel=0)
+        p = plan(w, sparsity=sp, bits=bits, error_model="laplace", min_density=0)
         got = objective(p, w, p.masks(w))
         k = round(sp * 12)
         flat = [(n, i) for n in ("a", "b") for i in range(6)]
@@ -249,7 +249,7 @@ def test_budget_mixed_bits_beats_fixed_bits_at_same_size():
 
 def test_infeasible_budget_names_smallest_feasible():
     w = laplace_net(0)
-    p = plan(w, budget_bits=3, min_density=0, min_per_channel=0)
+    p = plan(w, budget_bits=3, min_density=0)
     assert not p.success and p.status == 2
     assert p.min_budget_bits == 4.0 and "smallest feasible 4 bits" in p.message
 
@@ -384,6 +384,6 @@ def test_a_layer_pruned_entirely_is_reported():
     rng = np.random.default_rng(4)
     w = {"big": rng.laplace(size=(64, 288)), "tiny": 1e-3 * rng.laplace(size=(10, 64))}
     with pytest.warns(UserWarning, match="prunes every weight of tiny"):
-        p = plan(w, sparsity=0.9, min_density=0, min_per_channel=0)
+        p = plan(w, sparsity=0.9, min_density=0)
     assert p["tiny"].kept == 0 and "pruned beyond 99 %: tiny (100.00 %)" in p.message
     assert p.status == 0  # the target is met exactly; the warning is advice

@@ -1,5 +1,5 @@
-"""A budget in bytes of the written .opq file (plan(size_bytes=), opq --size) and the
-per-output-channel floor (min_per_channel=) in sparsity and budget mode."""
+"""A budget in bytes of the written .opq file (plan(size_bytes=), opq --size,
+opq_torch.compress(size_bytes=))."""
 from __future__ import annotations
 
 import json
@@ -91,11 +91,13 @@ def test_size_bytes_infeasible_names_the_minimum():
                                          r".opq file of these weights, \d+ bytes") as exc:
         opq_core.plan(w, size_bytes=100)
     smallest = int(re.search(r"weights, (\d+) bytes", str(exc.value)).group(1))
-    assert lo <= smallest < lo + 400
-    p = opq_core.plan(w, size_bytes=smallest)
-    assert p.predicted_bytes <= smallest
-    with pytest.raises(ValueError, match=f"below the smallest .* {smallest} bytes"):
-        opq_core.plan(w, size_bytes=smallest - 1)
+    assert lo - 16 <= smallest < lo + 400
+    # the header stores the plan's timings: another call's smallest file can differ by a
+    # few bytes (their digits, compressed), not more
+    p = opq_core.plan(w, size_bytes=smallest + 16)
+    assert smallest - 16 <= p.predicted_bytes <= smallest + 16
+    with pytest.raises(ValueError, match=r"below the smallest .* \d+ bytes"):
+        opq_core.plan(w, size_bytes=smallest - 16)
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -104,7 +106,6 @@ def test_size_bytes_infeasible_names_the_minimum():
     (dict(size_bytes="1MB"), "size_bytes must be a number of bytes"),
     (dict(size_bytes=10 ** 5, rate=10), "give size_bytes= or rate=, not both"),
     (dict(sparsity=0.5, layout="packed"), "layout= describes the file of a budget in bytes"),
-    (dict(sparsity=0.5, min_per_channel=-1), "min_per_channel must be an integer >= 0"),
 ])
 def test_size_bytes_bad_arguments(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -169,8 +170,9 @@ def test_cli_size_round_trip(tmp_path, capsys):
     assert "bytes predicted" in text and os.path.getsize(tmp_path / "p.opq") <= 6144
     rc, text, err = _cli(["plan", src, "--size", "6kB", "-q", "--json"], capsys)
     assert rc == 0 and json.loads(text)["budget_bytes"] == 6000
-    # the plan counts the metadata 'opq compress' writes: the same size
-    assert json.loads(text)["predicted_bytes"] == d["size"]["predicted_bytes"]
+    # the plan counts the metadata 'opq compress' writes: the same size, bar the few bytes
+    # of the planning times stored in the header
+    assert abs(json.loads(text)["predicted_bytes"] - d["size"]["predicted_bytes"]) <= 16
 
 
 @pytest.mark.parametrize("size, match", [("12XB", "unknown unit"), ("10B", "below the smallest")])
@@ -181,69 +183,3 @@ def test_cli_size_errors(tmp_path, capsys, size, match):
     assert rc == 2 and "--size" in err and match in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m.opq").exists()
-
-
-# ---------------------------------------------------------------------------------------
-# the per-output-channel floor
-# ---------------------------------------------------------------------------------------
-
-def _floor_model(seed):
-    rng = np.random.default_rng(seed)
-    w = {"a.weight": rng.laplace(size=(24, 20)),
-         "b.weight": 0.01 * rng.laplace(size=(12, 24)),
-         "c.weight": rng.laplace(size=(6, 4, 3, 3))}
-    w["b.weight"][:6] *= 1e-3  # channels the global rule would prune whole
-    w["a.weight"][3] = 0.0  # a dead channel: nothing to keep
-    w["a.weight"][5, 1:] = 0.0  # one non-zero weight
-    return w
-
-
-@examples(10)
-@given(seed=st.integers(0, 2 ** 16), f=st.integers(0, 3), sparse=st.booleans(),
-       target=st.floats(0.85, 0.995), method=st.sampled_from(["opq", "global"]))
-def test_channel_floor_holds_in_both_modes(seed, f, sparse, target, method):
-    w = _floor_model(seed)
-    kw = dict(sparsity=target, bits=3) if sparse else dict(rate=32 / (4 * (1 - target)))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        p = opq_core.plan(w, min_per_channel=f, method=method, **kw)
-    masks = p.masks(w)
-    for lp in p:
-        m = masks[lp.name].reshape(lp.shape[0], -1)
-        nnz = np.count_nonzero(w[lp.name].reshape(lp.shape[0], -1), axis=1)
-        assert int(m.sum()) == lp.kept
-        assert np.all(m.sum(axis=1) >= np.minimum(nnz, f)), lp.name
-        assert not np.any(m[nnz == 0])  # a dead channel keeps nothing
-        assert lp.min_per_channel == f
-    # the masks and the fake-quant weights survive the file
-    if sparse:
-        assert p.kept == max(round((1 - target) * p.n), p.kept) or p.status == 1
-    heavy = [lp.name for lp in p if lp.sparsity > 0.99 and np.any(w[lp.name])]
-    said = " ".join(str(c.message) for c in caught)
-    for name in heavy:  # the warning names every layer pruned beyond 99 %
-        assert name in said and name in p.message
-
-
-def test_channel_floor_default_and_off():
-    w = _floor_model(7)
-    p = opq_core.plan(w, sparsity=0.99, bits=3, min_per_channel=1)
-    q = opq_core.plan(w, sparsity=0.99, bits=3)
-    mp, mq = p.masks(w), q.masks(w)
-    live = np.count_nonzero(w["b.weight"], axis=1) > 0
-    assert np.all(mp["b.weight"].sum(axis=1)[live] >= 1)
-    assert np.any(mq["b.weight"].sum(axis=1)[live] == 0)  # the bare rule empties channels
-    assert p.kept == q.kept  # the same count: the floor moves weights, it does not add them
-
-
-def test_channel_floor_file_round_trip(tmp_path):
-    w = _floor_model(8)
-    p = opq_core.plan(w, sparsity=0.98, bits=3, min_per_channel=2)
-    f = write_opq(tmp_path / "f.opq", p, w)
-    back = read_opq(tmp_path / "f.opq")
-    ref = p.apply(w)
-    for name in p.names:
-        assert np.array_equal(back.weights[name], ref[name])
-        rows = (back.weights[name] != 0).reshape(w[name].shape[0], -1).sum(axis=1)
-        nnz = np.count_nonzero(w[name].reshape(w[name].shape[0], -1), axis=1)
-        assert np.all(rows >= np.minimum(nnz, 2))
-    assert back.plan[p.names[0]].min_per_channel == 2 and f.file_bytes > 0
