@@ -94,6 +94,9 @@ def _markdown(rows):
                    f"{r['written_bytes']} | {r['written_over_budget']:.4f} | "
                    f"{'yes' if r['predicted_bytes'] == r['written_bytes'] else 'no'} | "
                    f"{r['paper_rate']:.2f}x | {r['sparsity']:.3f} | {r['plan_seconds']:.1f} |")
+    out.append("")
+    out.append("plan (s): compress() with the search; a process's first plan includes the "
+               "Numba compilation of the kernels.")
     return "\n".join(out) + "\n"
 
 

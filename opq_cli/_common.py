@@ -182,31 +182,6 @@ def source_metadata(weights) -> dict:
     return meta
 
 
-class _Subset(Mapping):
-    """A read-only view of some names of a (lazy) weight mapping."""
-
-    def __init__(self, weights, names):
-        self._w = weights
-        self._names = list(names)
-
-    def __getitem__(self, name):
-        if name not in self._names:
-            raise KeyError(name)
-        return self._w[name]
-
-    def tensor_info(self, name):
-        from opq_core.io import tensor_info
-        if name not in self._names:
-            raise KeyError(name)
-        return tensor_info(self._w, name)
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self):
-        return len(self._names)
-
-
 def _same_file(a, b) -> bool:
     """Whether two paths name the same file: the same resolved path (symlinks followed),
     or the same inode (hard links) when both exist."""

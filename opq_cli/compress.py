@@ -5,7 +5,7 @@ import os
 import sys
 from collections.abc import Mapping
 
-from ._common import (CliError, _Subset, _check_paths, _check_plot, _dumps, _make_plan,
+from ._common import (CliError, _check_paths, _check_plot, _dumps, _make_plan,
                       _progress, _weights_from, source_metadata)
 
 
@@ -32,7 +32,8 @@ def cmd_compress(args):
         p = _make_plan(args, weights, meta)
         if not p.success:
             raise CliError(f"planning failed: {p.message}")
-        other = _Subset(weights, [k for k in weights if k not in p])
+        from opq_core._size import Subset
+        other = Subset(weights, [k for k in weights if k not in p])
         f = write_opq(args.output, p, weights, other=other, layout=args.layout, metadata=meta,
                       progress=_progress(args))
         acc = None

@@ -43,9 +43,10 @@ TOLERANCE = 0.004
 MAX_TRIALS = 24
 
 
-class _Others(Mapping):
-    """The tensors of ``weights`` that the plan does not compress (what ``opq compress``
-    stores as they are): a view, read only when the file is written."""
+class Subset(Mapping):
+    """A read-only view of some names of a (lazy) weight mapping: the tensors of
+    ``weights`` that the plan does not compress (what ``opq compress`` stores as they
+    are), read only when the file is written."""
 
     def __init__(self, weights, names):
         self._w = weights
@@ -58,6 +59,8 @@ class _Others(Mapping):
 
     def tensor_info(self, name):
         from .io import tensor_info
+        if name not in self._names:
+            raise KeyError(name)
         return tensor_info(self._w, name)
 
     def __iter__(self):
@@ -111,7 +114,7 @@ def plan_for_size(weights, size_bytes, *, layout="entropy", other=None, metadata
         raise TypeError(f"weights must be a mapping name -> array, got {type(weights).__name__}")
     names, skipped = _select_layers(weights, kw.get("exclude"))
     if other is None:
-        other = _Others(weights, skipped)
+        other = Subset(weights, skipped)
     n_total = sum(int(np.prod(tensor_info(weights, k)[0])) for k in names)
     bits = kw.get("bits")
     if isinstance(bits, (list, tuple, range)) and len(bits):

@@ -15,6 +15,7 @@ import opq_core
 from opq_core.format import opq_file_bytes, read_opq, write_opq
 
 from strategies import examples
+from test_cli import main_ as _cli
 
 
 def _model(seed, scale_spread=1.0):
@@ -130,16 +131,6 @@ def test_size_bytes_torch_save(tmp_path):
 # ---------------------------------------------------------------------------------------
 # the CLI
 # ---------------------------------------------------------------------------------------
-
-def _cli(argv, capsys):
-    from opq_cli import main
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as exc:
-        rc = exc.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
 
 def test_parse_size_units():
     from opq_cli._common import CliError, parse_size
