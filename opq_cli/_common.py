@@ -27,13 +27,18 @@ def _weights_from(source: str):
 
 
 def _add_plan_args(p: argparse.ArgumentParser):
-    g = p.add_argument_group("what to plan (give --sparsity, or --rate / --budget-bits)")
+    g = p.add_argument_group("what to plan (give --sparsity, or --rate / --budget-bits / --size)")
     g.add_argument("--sparsity", type=float, help="global fraction of weights to prune, in [0, 1)")
     g.add_argument("--bits", type=str, default=None,
                    help="bits per kept weight, 1..8 (default 4); with --rate a comma list of "
                         "candidates (default 1..8, chosen per layer)")
     g.add_argument("--rate", type=float, help="target paper_rate (32 N / sum bits*nnz), > 1")
     g.add_argument("--budget-bits", type=float, help="size budget in bits (sum bits*nnz)")
+    g.add_argument("--size", metavar="SIZE",
+                   help="budget in bytes of the written .opq file, side information included "
+                        "(never exceeded), e.g. 1.5MB: a number with an optional unit, B; "
+                        "kB = KB = 1000 B, MB = 1000^2, GB = 1000^3 (decimal); "
+                        "KiB = 1024 B, MiB = 1024^2, GiB = 1024^3 (binary)")
     p.add_argument("--method", default="opq", choices=["opq", "global", "uniform", "annc"],
                    help="allocation rule (default opq); annc: training-time, only for "
                         "'opq compress' with --train")
@@ -43,6 +48,32 @@ def _add_plan_args(p: argparse.ArgumentParser):
     p.add_argument("--exclude", action="append", default=None, metavar="NAME",
                    help="tensor to leave uncompressed (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+#: Size units of --size: decimal (powers of 1000) and binary (powers of 1024).
+SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3,
+              "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3}
+
+
+def parse_size(text, arg="--size") -> int:
+    """``"1.5MB"`` -> 1500000: a number and an optional unit (:data:`SIZE_UNITS`, any case,
+    a space allowed between them), rounded down to whole bytes; a one-line CliError on a
+    bad value.
+
+    >>> parse_size("1.5MB"), parse_size("2 KiB"), parse_size("300")
+    (1500000, 2048, 300)
+    """
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    if m is None:
+        raise CliError(f"{arg}: expected a size such as 1.5MB, 800kB or 2GiB, got {text!r}")
+    unit = m.group(2).lower() or "b"
+    if unit not in SIZE_UNITS:
+        raise CliError(f"{arg}: unknown unit {m.group(2)!r} in {text!r}; use B, kB/KB, MB, GB "
+                       "(decimal) or KiB, MiB, GiB (binary)")
+    value = float(m.group(1)) * SIZE_UNITS[unit]
+    if not math.isfinite(value) or value < 1:
+        raise CliError(f"{arg}: expected at least 1 byte, got {text!r}")
+    return int(math.floor(value))
 
 
 def _bits_arg(text, budget_mode):
@@ -59,7 +90,7 @@ def _bits_arg(text, budget_mode):
     return tuple(vals)
 
 
-_FLAGS = (("budget_bits", "--budget-bits"), ("error_model", "--error-model"),
+_FLAGS = (("size_bytes", "--size"), ("budget_bits", "--budget-bits"), ("error_model", "--error-model"),
           ("channelwise", "--channelwise"), ("sparsity", "--sparsity"), ("rate", "--rate"),
           ("bits", "--bits"), ("method", "--method"), ("grid", "--grid"),
           ("exclude", "--exclude"))
@@ -98,16 +129,20 @@ class _Reading(Mapping):
         return len(self._w)
 
 
-def _make_plan(args, weights):
+def _make_plan(args, weights, metadata=None):
     from opq_core.allocate import plan
     if args.method == "annc":
         raise CliError("--method annc learns sparsity and bits while training: use "
                        "'opq compress CHECKPOINT -o OUT.opq --method annc --rate R --train "
                        "MODULE:FUNCTION'")
-    budget_mode = args.rate is not None or args.budget_bits is not None
+    size = getattr(args, "size", None)
+    budget_mode = args.rate is not None or args.budget_bits is not None or size is not None
     kw = dict(sparsity=args.sparsity, rate=args.rate, budget_bits=args.budget_bits,
               method=args.method, channelwise=args.channelwise, grid=args.grid,
               error_model=args.error_model, exclude=args.exclude)
+    if size is not None:
+        kw.update(size_bytes=parse_size(size), layout=getattr(args, "layout", "entropy"),
+                  metadata=metadata)
     bits = _bits_arg(args.bits, budget_mode)
     if bits is not None:
         kw["bits"] = bits
@@ -145,31 +180,6 @@ def source_metadata(weights) -> dict:
     if aliases:
         meta["aliases"] = json.dumps(aliases, separators=(",", ":"), sort_keys=True)
     return meta
-
-
-class _Subset(Mapping):
-    """A read-only view of some names of a (lazy) weight mapping."""
-
-    def __init__(self, weights, names):
-        self._w = weights
-        self._names = list(names)
-
-    def __getitem__(self, name):
-        if name not in self._names:
-            raise KeyError(name)
-        return self._w[name]
-
-    def tensor_info(self, name):
-        from opq_core.io import tensor_info
-        if name not in self._names:
-            raise KeyError(name)
-        return tensor_info(self._w, name)
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self):
-        return len(self._names)
 
 
 def _same_file(a, b) -> bool:

@@ -5,7 +5,7 @@ import os
 import sys
 from collections.abc import Mapping
 
-from ._common import (CliError, _Subset, _check_paths, _check_plot, _dumps, _make_plan,
+from ._common import (CliError, _check_paths, _check_plot, _dumps, _make_plan,
                       _progress, _weights_from, source_metadata)
 
 
@@ -19,23 +19,41 @@ def cmd_compress(args):
                  [("CHECKPOINT", args.checkpoint)])
     _check_plot(args.plot)
     meta = {"source": os.path.basename(os.path.normpath(args.checkpoint))}
+    p_size = None
+    if args.method == "annc" and getattr(args, "size", None) is not None:
+        raise CliError("--size: --method annc trains under a budget in bits; give --rate or "
+                       "--budget-bits")
     if args.method == "annc":
         f, acc = _compress_annc(args, meta)
     else:
         _check_no_annc_args(args)
         weights = _weights_from(args.checkpoint)
         meta.update(source_metadata(weights))
-        p = _make_plan(args, weights)
+        p = _make_plan(args, weights, meta)
         if not p.success:
             raise CliError(f"planning failed: {p.message}")
-        other = _Subset(weights, [k for k in weights if k not in p])
+        from opq_core._size import Subset
+        other = Subset(weights, [k for k in weights if k not in p])
         f = write_opq(args.output, p, weights, other=other, layout=args.layout, metadata=meta,
                       progress=_progress(args))
         acc = None
+        if p.budget_bytes is not None:
+            p_size = p
+            if f.file_bytes != p.predicted_bytes:  # pragma: no cover - the writer's own code
+                print(f"warning: the file has {f.file_bytes} bytes, {p.predicted_bytes} were "
+                      "predicted", file=sys.stderr)
     if args.json:
-        print(_dumps(f.to_dict()))
+        d = f.to_dict()
+        if p_size is not None:
+            d["size"] = {"budget_bytes": p_size.budget_bytes,
+                         "predicted_bytes": p_size.predicted_bytes, "written_bytes": f.file_bytes}
+        print(_dumps(d))
     else:
         print(f.table())
+        if p_size is not None:
+            print(f"size: {p_size.predicted_bytes} bytes predicted, {f.file_bytes} bytes "
+                  f"written, budget {p_size.budget_bytes} bytes "
+                  f"({100 * f.file_bytes / p_size.budget_bytes:.2f} % of it)")
         if acc is not None:
             print(f"eval accuracy of the compressed model: {100 * acc:.2f} %")
         print(f"wrote {args.output}")

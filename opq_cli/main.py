@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    ".npz, .onnx, or example:resnet50|alexnet|mobilenet_v1).")
     p.add_argument("checkpoint", metavar="CHECKPOINT")
     _add_plan_args(p)
+    p.add_argument("--layout", default="entropy", choices=["entropy", "packed"],
+                   help="the .opq layout --size counts (as 'opq compress --layout')")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("-o", "--output", help="also write the plan as JSON to this file")
     _add_plot_arg(p)

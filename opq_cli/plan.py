@@ -14,7 +14,13 @@ def cmd_plan(args):
                  [("CHECKPOINT", args.checkpoint)])
     _check_plot(args.plot)
     weights = _weights_from(args.checkpoint)
-    p = _make_plan(args, weights)
+    meta = None
+    if args.size is not None:  # the file 'opq compress' would write: its metadata counts
+        import os
+        from ._common import source_metadata
+        meta = {"source": os.path.basename(os.path.normpath(args.checkpoint))}
+        meta.update(source_metadata(weights))
+    p = _make_plan(args, weights, meta)
     if args.output:
         from opq_core.io import atomic_write
         data = plan_json(p, indent=1).encode()

@@ -217,6 +217,12 @@ def _check_description(path, fb, header, start, desc, version, layout, size):
         raise _bad(path, f"unknown plan version {plan_d.get('version')!r}",
                    field="plan.version")
     _real(path, plan_d, "lam", allow=(-math.inf,))
+    bb = plan_d.get("budget_bytes")
+    if bb is not None and (type(bb) is not int or bb < 1):
+        raise _bad(path, f"expected a whole number of bytes or null, got {bb!r}",
+                   field="plan.budget_bytes")
+    if "predicted_bytes" in plan_d:
+        raise _bad(path, "a file does not store its own size", field="plan.predicted_bytes")
     if not isinstance(plan_d.get("skipped", []), list):
         raise _bad(path, "expected a list", field="plan.skipped")
     seen = set()

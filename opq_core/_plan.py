@@ -217,6 +217,8 @@ class Plan:
 
     Like :class:`scipy.optimize.OptimizeResult` it carries ``success``, ``status`` (0: the
     target was met; 1: met with a documented deviation; 2: infeasible) and ``message``.
+    A plan made for a budget in bytes (``plan(size_bytes=)``) carries it in
+    ``budget_bytes`` and the exact size of its ``.opq`` file in ``predicted_bytes``.
     """
 
     layers: tuple
@@ -236,6 +238,8 @@ class Plan:
     solve_seconds: float = 0.0
     select_seconds: float = 0.0
     version: int = PLAN_VERSION
+    budget_bytes: int | None = None
+    predicted_bytes: int | None = None
 
     # ---- totals -----------------------------------------------------------------
     @property
@@ -335,6 +339,7 @@ class Plan:
             "skipped": list(self.skipped), "success": bool(self.success),
             "status": int(self.status), "message": self.message,
             "min_budget_bits": self.min_budget_bits,
+            "budget_bytes": self.budget_bytes, "predicted_bytes": self.predicted_bytes,
             "stats_seconds": float(self.stats_seconds),
             "solve_seconds": float(self.solve_seconds),
             "select_seconds": float(self.select_seconds),
@@ -398,6 +403,9 @@ class Plan:
             f"error_model={self.error_model} paper_rate={self.paper_rate:.2f}x "
             f"size={self.size_bits / 8 / 1024:.1f} KiB stats={self.stats_seconds * 1e3:.1f} ms "
             f"solve={self.solve_seconds * 1e3:.1f} ms select={self.select_seconds * 1e3:.1f} ms")
+        if self.budget_bytes is not None:
+            rows.append(f"file: {self.predicted_bytes} bytes predicted (exact, as written) of a "
+                        f"budget of {self.budget_bytes} bytes")
         rows.append(f"success={self.success} status={self.status}: {self.message}")
         return "\n".join(rows)
 

@@ -58,7 +58,9 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
          rate: float | None = None, budget_bits: float | None = None,
          method: str = "opq", channelwise: str = "unified", grid: str = "offset",
          error_model: str = "fitted", exclude: Sequence[str] | None = None,
-         min_density: float = MIN_DENSITY, importance: Mapping | None = None) -> Plan:
+         min_density: float = MIN_DENSITY, importance: Mapping | None = None,
+         size_bytes: int | None = None, layout: str | None = None,
+         other: Mapping | None = None, metadata: Mapping | None = None) -> Plan:
     """Plan pruning + quantization of every compressible layer from the weights alone.
 
     Parameters
@@ -110,6 +112,21 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
         measured steps (``error_model="empirical"``) and the size-budget solver, still with
         one global multiplier (see :mod:`opq_core._importance`). All ones gives exactly the
         unweighted plan. Not used by ``method="uniform"``.
+    size_bytes : int, optional
+        A budget in bytes of the written ``.opq`` file, side information included (header,
+        per-layer scales, steps and thresholds, codebooks, symbol models, the coded mask,
+        the tensors kept float, the entropy coder's word rounding): the plan is the largest
+        found whose file fits, within 0.4 % below the budget when the search converges
+        (:mod:`opq_core._size`: the budget-in-bits solver under a search on its budget,
+        every trial plan's file size measured exactly by encoding it in memory). It is
+        never exceeded: ``Plan.predicted_bytes`` is the exact size of the file that
+        :func:`opq_core.write_opq` writes for the plan with the same ``other``, ``layout``
+        and ``metadata``; ``Plan.budget_bytes`` the budget. Bits as in budget mode. A budget
+        below the smallest file raises ``ValueError`` naming that size.
+    layout, other, metadata
+        With ``size_bytes`` only: the file the budget counts, as :func:`opq_core.write_opq`
+        takes them (default ``"entropy"``, every tensor of ``weights`` not compressed, no
+        metadata: what ``opq compress`` stores, bar its source metadata).
 
     Returns
     -------
@@ -138,6 +155,20 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
     >>> p.kept == round(0.2 * (64 * 32 + 10 * 64))
     True
     """
+    if size_bytes is not None:
+        for arg, v in (("sparsity", sparsity), ("rate", rate), ("budget_bits", budget_bits)):
+            if v is not None:
+                raise ValueError(f"give size_bytes= or {arg}=, not both")
+        from ._size import plan_for_size
+        kw = dict(method=method, channelwise=channelwise, grid=grid, error_model=error_model,
+                  exclude=exclude, min_density=min_density, importance=importance)
+        if bits is not _UNSET:
+            kw["bits"] = bits
+        return plan_for_size(weights, size_bytes, layout="entropy" if layout is None else layout,
+                             other=other, metadata=metadata, **kw)
+    for arg, v in (("layout", layout), ("other", other), ("metadata", metadata)):
+        if v is not None:
+            raise ValueError(f"{arg}= describes the file of a budget in bytes; give size_bytes=")
     t0 = time.perf_counter()
     sparsity, bits_set, budget = _check_args(weights, sparsity, bits, rate, budget_bits,
                                              method, channelwise, grid, error_model)

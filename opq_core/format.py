@@ -64,7 +64,7 @@ from ._codec import (_bar, _decode_layer_blob, _encode_layer, _weight_and_mask, 
 from ._opqcheck import (_check_description, _description, _entry_bytes, _parse)
 
 
-__all__ = ["FORMAT_VERSION", "LAYOUTS", "write_opq", "read_opq", "OpqStream", "compress_weights",
+__all__ = ["FORMAT_VERSION", "LAYOUTS", "write_opq", "opq_file_bytes", "read_opq", "OpqStream", "compress_weights",
            "layer_codes", "decode_layer", "CompressedFile", "LayerRecord", "OpqFormatError",
            "MAX_WEIGHTS_PER_BYTE"]
 
@@ -75,6 +75,10 @@ __all__ = ["FORMAT_VERSION", "LAYOUTS", "write_opq", "read_opq", "OpqStream", "c
 def _plan_header(plan) -> dict:
     d = plan.to_dict()
     d.pop("totals", None)
+    # the size of the file and its budget: not part of it (the smallest file of a model
+    # must not depend on the digits of the budget)
+    d.pop("predicted_bytes", None)
+    d.pop("budget_bytes", None)
     for layer in d["layers"]:
         layer.pop("channel_scale", None)
         layer.pop("codebook", None)
@@ -89,6 +93,127 @@ def _np_dtype_name(dtype) -> str:
     if name not in _ST_DTYPES:
         raise TypeError(f"other: tensor dtype {name} cannot be stored in a .opq file")
     return name
+
+
+class _Layout:
+    """Everything :func:`write_opq` writes, assembled in memory (no file touched)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    @property
+    def file_bytes(self) -> int:
+        return len(self.prefix) + len(self.hjson) + self.off
+
+
+def _assemble(path, plan, weights, codes, masks, other, layout, metadata, progress, cache=None):
+    """Encode every layer and build the header of the file :func:`write_opq` writes.
+
+    ``cache`` (a dict, optional): the latest encoding of every layer by name, reused when
+    the layer's plan is the same (a search over plans of the same weights)."""
+    from ._plan import Plan
+    from .io import tensor_info
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan: expected an opq_core.Plan, got {type(plan).__name__}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if (weights is None) == (codes is None):
+        raise ValueError("give weights= (latent weights) or codes=, exactly one of them")
+    meta = {}
+    for k, v in dict(metadata or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"metadata: keys and values must be str, got {k!r}: {v!r}")
+        meta[k] = v
+    other = {} if other is None else other
+    clash = sorted(set(plan.names) & set(other))
+    if clash:
+        raise ValueError(f"other: tensor {clash[0]!r} is a compressed layer of the plan")
+    for name in other:
+        if name == _HEADER_TENSOR or name.startswith(_PREFIX):
+            raise ValueError(f"other: tensor name {name!r} is reserved by the .opq format")
+
+    # 1) encode every layer (one tensor at a time)
+    blobs, infos = [], []
+    for lp in _bar(plan.layers, progress, f"encode ({layout})"):
+        key = None
+        if cache is not None:
+            key = (layout, json.dumps(lp.to_dict(), sort_keys=True))
+            hit = cache.get(lp.name)
+            if hit is not None and hit[0] == key:
+                blobs.append(hit[1])
+                infos.append(hit[2])
+                continue
+        if codes is not None:
+            if lp.name not in codes:
+                raise ValueError(f"codes: the plan's layer {lp.name!r} is missing")
+            c = np.asarray(codes[lp.name])
+            if tuple(c.shape) != tuple(lp.shape) or c.dtype.kind not in "iu":
+                raise ValueError(f"codes[{lp.name!r}]: expected integers of shape "
+                                 f"{tuple(lp.shape)}, got {c.dtype} {tuple(c.shape)}")
+            m = (np.asarray(masks[lp.name], dtype=bool).reshape(lp.shape)
+                 if masks is not None and lp.name in masks else c != 0)
+            if np.any((c != 0) != m):
+                raise ValueError(f"codes[{lp.name!r}]: nonzero codes must be exactly the "
+                                 "kept weights of the mask")
+        else:
+            w, m = _weight_and_mask(lp, weights, masks)
+            c = layer_codes(lp, w, m)
+            del w
+        blob, info = _encode_layer(lp, c, m, layout)
+        if cache is not None:
+            cache[lp.name] = (key, blob, info)
+        blobs.append(blob)
+        infos.append(info)
+
+    # 2) header
+    desc = {"version": FORMAT_VERSION, "layout": layout, "plan": _plan_header(plan),
+            "layers": infos, "other": list(other),
+            "writer": {"opq_format": FORMAT_VERSION,
+                       "constriction": _version_of("constriction")},
+            "metadata": meta}
+    desc_bytes = zlib.compress(json.dumps(desc, separators=(",", ":")).encode(), 9)
+    entries = []  # (key, dtype, shape, nbytes, source)
+    others = []
+    for name in other:
+        shape, dtype = tensor_info(other, name)  # metadata only: the data is read once, below
+        shape = tuple(int(s) for s in shape)
+        dt = _np_dtype_name(dtype)
+        nbytes = int(np.prod(shape)) * np.dtype(dt).itemsize
+        others.append((name, _ST_DTYPES[dt], shape, nbytes, ("other", name)))
+    others.sort(key=lambda e: -np.dtype(_NP_DTYPES[e[1]]).itemsize)
+    entries += others
+    entries.append((_HEADER_TENSOR, "U8", (len(desc_bytes),), len(desc_bytes), ("bytes", desc_bytes)))
+    for lp, blob in zip(plan.layers, blobs):
+        entries.append((_PREFIX + lp.name, "U8", (len(blob),), len(blob), ("bytes", blob)))
+    header = {"__metadata__": {"format": "opq", "version": str(FORMAT_VERSION),
+                               "layout": layout, "sha256": _SHA_ZERO}}
+    off = 0
+    for key, dt, shape, nbytes, _ in entries:
+        header[key] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    hjson = json.dumps(header, separators=(",", ":")).encode()
+    hjson += b" " * (-(8 + len(hjson)) % 8)
+    sha_at = hjson.index(b'"sha256":"' + _SHA_ZERO.encode() + b'"') + len(b'"sha256":"')
+    declared = plan.n + sum(math.prod(e[2]) for e in others)
+    if declared > MAX_WEIGHTS_PER_BYTE * (8 + len(hjson) + off):
+        raise ValueError(f"path: {str(path)!r} would hold {declared} weights in "
+                         f"{8 + len(hjson) + off} bytes, more than the {MAX_WEIGHTS_PER_BYTE} "
+                         "per byte a .opq reader accepts (a model of mostly pruned layers: "
+                         "exclude the empty ones)")
+    prefix = struct.pack("<Q", len(hjson))
+    return _Layout(prefix=prefix, hjson=hjson, entries=entries, sha_at=sha_at, others=others,
+                   other=other, meta=meta, header=header, infos=infos, desc=desc, off=off)
+
+
+def opq_file_bytes(plan, weights: Mapping | None = None, *, codes: Mapping | None = None,
+                   masks: Mapping | None = None, other: Mapping | None = None,
+                   layout: str = "entropy", metadata: Mapping | None = None,
+                   _cache: dict | None = None) -> int:
+    """The exact size in bytes of the file :func:`write_opq` would write with the same
+    arguments, computed in memory (every layer is encoded; nothing is written; the
+    ``other`` tensors' data is not read, only their shapes and dtypes)."""
+    return _assemble("<memory>", plan, weights, codes, masks, other, layout, metadata,
+                     False, _cache).file_bytes
 
 
 def write_opq(path, plan, weights: Mapping | None = None, *, codes: Mapping | None = None,
@@ -132,86 +257,12 @@ def write_opq(path, plan, weights: Mapping | None = None, *, codes: Mapping | No
         \\text{paper\\_rate} = \\frac{32 N}{\\sum_i B_i\\,\\mathrm{nnz}_i},\\qquad
         \\text{storage\\_rate} = \\frac{4 N}{\\text{bytes of the compressed layers in the file}}
     """
-    from ._plan import Plan
-    from .io import atomic_write, tensor_info
-    if not isinstance(plan, Plan):
-        raise TypeError(f"plan: expected an opq_core.Plan, got {type(plan).__name__}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if (weights is None) == (codes is None):
-        raise ValueError("give weights= (latent weights) or codes=, exactly one of them")
-    meta = {}
-    for k, v in dict(metadata or {}).items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise TypeError(f"metadata: keys and values must be str, got {k!r}: {v!r}")
-        meta[k] = v
-    other = {} if other is None else other
-    clash = sorted(set(plan.names) & set(other))
-    if clash:
-        raise ValueError(f"other: tensor {clash[0]!r} is a compressed layer of the plan")
-    for name in other:
-        if name == _HEADER_TENSOR or name.startswith(_PREFIX):
-            raise ValueError(f"other: tensor name {name!r} is reserved by the .opq format")
-
-    # 1) encode every layer (one tensor at a time)
-    blobs, infos = [], []
-    for lp in _bar(plan.layers, progress, f"encode ({layout})"):
-        if codes is not None:
-            if lp.name not in codes:
-                raise ValueError(f"codes: the plan's layer {lp.name!r} is missing")
-            c = np.asarray(codes[lp.name])
-            if tuple(c.shape) != tuple(lp.shape) or c.dtype.kind not in "iu":
-                raise ValueError(f"codes[{lp.name!r}]: expected integers of shape "
-                                 f"{tuple(lp.shape)}, got {c.dtype} {tuple(c.shape)}")
-            m = (np.asarray(masks[lp.name], dtype=bool).reshape(lp.shape)
-                 if masks is not None and lp.name in masks else c != 0)
-            if np.any((c != 0) != m):
-                raise ValueError(f"codes[{lp.name!r}]: nonzero codes must be exactly the "
-                                 "kept weights of the mask")
-        else:
-            w, m = _weight_and_mask(lp, weights, masks)
-            c = layer_codes(lp, w, m)
-            del w
-        blob, info = _encode_layer(lp, c, m, layout)
-        blobs.append(blob)
-        infos.append(info)
-
-    # 2) header
-    desc = {"version": FORMAT_VERSION, "layout": layout, "plan": _plan_header(plan),
-            "layers": infos, "other": list(other),
-            "writer": {"opq_format": FORMAT_VERSION,
-                       "constriction": _version_of("constriction")},
-            "metadata": meta}
-    desc_bytes = zlib.compress(json.dumps(desc, separators=(",", ":")).encode(), 9)
-    entries = []  # (key, dtype, shape, nbytes, source)
-    others = []
-    for name in other:
-        shape, dtype = tensor_info(other, name)  # metadata only: the data is read once, below
-        shape = tuple(int(s) for s in shape)
-        dt = _np_dtype_name(dtype)
-        nbytes = int(np.prod(shape)) * np.dtype(dt).itemsize
-        others.append((name, _ST_DTYPES[dt], shape, nbytes, ("other", name)))
-    others.sort(key=lambda e: -np.dtype(_NP_DTYPES[e[1]]).itemsize)
-    entries += others
-    entries.append((_HEADER_TENSOR, "U8", (len(desc_bytes),), len(desc_bytes), ("bytes", desc_bytes)))
-    for lp, blob in zip(plan.layers, blobs):
-        entries.append((_PREFIX + lp.name, "U8", (len(blob),), len(blob), ("bytes", blob)))
-    header = {"__metadata__": {"format": "opq", "version": str(FORMAT_VERSION),
-                               "layout": layout, "sha256": _SHA_ZERO}}
-    off = 0
-    for key, dt, shape, nbytes, _ in entries:
-        header[key] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + nbytes]}
-        off += nbytes
-    hjson = json.dumps(header, separators=(",", ":")).encode()
-    hjson += b" " * (-(8 + len(hjson)) % 8)
-    sha_at = hjson.index(b'"sha256":"' + _SHA_ZERO.encode() + b'"') + len(b'"sha256":"')
-    declared = plan.n + sum(math.prod(e[2]) for e in others)
-    if declared > MAX_WEIGHTS_PER_BYTE * (8 + len(hjson) + off):
-        raise ValueError(f"path: {str(path)!r} would hold {declared} weights in "
-                         f"{8 + len(hjson) + off} bytes, more than the {MAX_WEIGHTS_PER_BYTE} "
-                         "per byte a .opq reader accepts (a model of mostly pruned layers: "
-                         "exclude the empty ones)")
-    prefix = struct.pack("<Q", len(hjson))
+    from .io import atomic_write
+    lay = _assemble(path, plan, weights, codes, masks, other, layout, metadata, progress)
+    prefix, hjson, entries, sha_at, others = (lay.prefix, lay.hjson, lay.entries,
+                                              lay.sha_at, lay.others)
+    other, meta, header, infos, desc, off = (lay.other, lay.meta, lay.header, lay.infos,
+                                             lay.desc, lay.off)
 
     def write(f):
         h = hashlib.sha256()

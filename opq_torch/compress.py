@@ -154,7 +154,7 @@ def _untie(mod):
 # --------------------------------------------------------------------------------------
 
 def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=None,
-             method="opq", channelwise="unified", grid="offset", error_model="fitted",
+             size_bytes=None, layout="entropy", method="opq", channelwise="unified", grid="offset", error_model="fitted",
              exclude=None, masks=None, sensitivity=None, calibration=None,
              compensate=None, example=None) -> Plan:
     r"""Plan (or take a plan) and install it: prune + quantize every compressible tensor.
@@ -183,6 +183,15 @@ def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=
         As in :func:`opq_core.plan`. ``bits`` is 4 by default; in budget mode
         (``rate``/``budget_bits``) pass a set of candidates, or ``bits=None`` to let every
         layer choose among 1..8.
+    size_bytes : int, optional
+        A budget in bytes of the file :func:`opq_torch.save` writes right after this call
+        (with ``layout`` and no metadata): every other ``state_dict`` tensor and the side
+        information count; ``plan.predicted_bytes`` is that file's exact size, never more
+        than ``size_bytes`` (:func:`opq_core.plan`). Compensation (``calibration``) and
+        fine-tuning keep the plan but change the codes, hence the entropy-coded size
+        (``layout="packed"`` stays within a few bytes: the header).
+    layout : {"entropy", "packed"}
+        With ``size_bytes``: the layout the budget counts.
     exclude : str or sequence of str, optional
         Module names (``"classifier.2"``, everything under it) or ``state_dict`` names
         (``"classifier.2.weight"``) to leave alone.
@@ -245,7 +254,8 @@ def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=
         raise ValueError(f"{fn}: compensate=True needs calibration= batches")
     cal = {}
     plan, layers, installed = _prepare(model, plan, fn=fn, sparsity=sparsity, bits=bits,
-                                       rate=rate, budget_bits=budget_bits, method=method,
+                                       rate=rate, budget_bits=budget_bits,
+                                       size_bytes=size_bytes, layout=layout, method=method,
                                        channelwise=channelwise, grid=grid,
                                        error_model=error_model, exclude=exclude, masks=masks,
                                        sensitivity=sensitivity, calibration=calibration,
@@ -263,7 +273,7 @@ def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=
 
 
 def _prepare(model, plan=None, *, fn, sparsity=None, bits=4, rate=None, budget_bits=None,
-             method="opq", channelwise="unified", grid="offset", error_model="laplace",
+             size_bytes=None, layout="entropy", method="opq", channelwise="unified", grid="offset", error_model="laplace",
              exclude=None, masks=None, sensitivity=None, calibration=None, example=None,
              cal=None):
     """Every check of :func:`compress`, nothing changed: ``(plan, layers, masks)``
@@ -295,12 +305,26 @@ def _prepare(model, plan=None, *, fn, sparsity=None, bits=4, rate=None, budget_b
         importance = _cal.importance_for(model, weights, sensitivity, example, stats, method)
         if importance:
             kw["importance"] = importance
-        plan = opq_core.plan(weights, sparsity=sparsity, rate=rate, budget_bits=budget_bits,
-                             method=method, channelwise=channelwise, grid=grid,
-                             error_model=error_model, **kw)
-        planned = set(plan.names)
-        plan = replace(plan, skipped=tuple(k for k in layers.names
-                                           if k not in planned and k not in layers.aliases))
+        def finish(p):
+            planned = set(p.names)
+            return replace(p, skipped=tuple(k for k in layers.names
+                                            if k not in planned and k not in layers.aliases))
+
+        if size_bytes is not None:
+            if sparsity is not None or rate is not None or budget_bits is not None:
+                raise ValueError(f"{fn}: give size_bytes= or sparsity=/rate=/budget_bits=, "
+                                 "not several")
+            from opq_core._size import plan_for_size
+            from .io import _other_tensors
+            other = {k: v for k, v in _other_tensors(model).items() if k not in weights}
+            plan = plan_for_size(weights, size_bytes, layout=layout, other=other, finish=finish,
+                                 method=method, channelwise=channelwise, grid=grid,
+                                 error_model=error_model, **kw)
+        else:
+            plan = finish(opq_core.plan(weights, sparsity=sparsity, rate=rate,
+                                        budget_bits=budget_bits, method=method,
+                                        channelwise=channelwise, grid=grid,
+                                        error_model=error_model, **kw))
     else:
         if not isinstance(plan, Plan):
             raise TypeError(f"{fn}: plan must be an opq_core.Plan, got {type(plan).__name__}")
