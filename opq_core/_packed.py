@@ -238,7 +238,10 @@ def pack_layer(lp, codes, mask, *, index: str = "auto", blocks: int | None = Non
         if kc.size and (int(kc.min()) < 1 or int(kc.max()) > cb.size):
             raise ValueError(f"{_fn_where(fn, name)}: a code is outside 1..{cb.size}")
         sym = (kc.astype(np.int64) - 1).astype(np.uint8)
-        scale = threshold = np.zeros(0)
+        threshold = np.zeros(0)
+        # levels in units of the channel scales (none stored when they are all 1: ANNC)
+        ks = np.ascontiguousarray(lp.kernel_scale, dtype=np.float64)
+        scale = ks if np.any(ks != 1.0) else np.zeros(0)
     else:
         sym = codes_to_symbols(kc, lp.bits) if kc.size else np.zeros(0, np.uint8)
         cb = np.zeros(0)
@@ -286,7 +289,7 @@ def _fill_lut(lut, grid, s, theta, step, kbits, cb):
     nsym = lut.shape[0]
     if grid == 2:
         for sv in range(nsym):
-            lut[sv] = cb[sv] if sv < cb.shape[0] else 0.0
+            lut[sv] = s * cb[sv] if sv < cb.shape[0] else 0.0
         return
     kmask = (1 << kbits) - 1
     sd = s * step
@@ -325,7 +328,7 @@ def _mm_block(xt, y, kind, idx, cbytes, bits, grid, scale, thr, step, cb, cols,
         pos = p0
         row = r0
         rend = (r0 + 1) * cols
-        _fill_lut(lut64, grid, scale[row] if grid != 2 else 0.0,
+        _fill_lut(lut64, grid, scale[row] if scale.shape[0] else 1.0,
                   thr[row] if grid != 2 else 0.0, step, kbits, cb)
         for t in range(lut.shape[0]):
             lut[t] = lut64[t]
@@ -386,7 +389,7 @@ def _mm_block(xt, y, kind, idx, cbytes, bits, grid, scale, thr, step, cb, cols,
         return
     for row in range(r0, r1):
         if grid != 2 or row == r0:
-            _fill_lut(lut64, grid, scale[row] if grid != 2 else 0.0,
+            _fill_lut(lut64, grid, scale[row] if scale.shape[0] else 1.0,
                       thr[row] if grid != 2 else 0.0, step, kbits, cb)
             for t in range(lut.shape[0]):
                 lut[t] = lut64[t]

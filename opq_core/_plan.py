@@ -396,7 +396,7 @@ class Plan:
         """The per-layer table with totals (plain text); layer names are never cut."""
         nw = max([28] + [len(lp.name) for lp in self.layers])
         head = (f"{'layer':<{nw}} {'shape':<18} {'n':>10} {'scale':>9} {'sparsity':>8} "
-                f"{'pred.sp':>7} {'kept':>10} {'bits':>4} {'step':>7} {'pred.err':>10}")
+                f"{'pred.sp':>7} {'kept':>10} {'bits':>4} {'step':>8} {'pred.err':>10}")
         rows = [head, "-" * len(head)]
         layers = self.layers if max_rows is None else self.layers[:max_rows]
         for lp in layers:
@@ -404,13 +404,13 @@ class Plan:
             rows.append(
                 f"{lp.name:<{nw}} {_clip(shape, 18):<18} {lp.n:>10d} {lp.scale:>9.3g} "
                 f"{lp.sparsity:>8.4f} {lp.predicted_sparsity:>7.4f} {lp.kept:>10d} "
-                f"{lp.bits:>4d} {lp.step:>7.4f} {lp.predicted_error:>10.4g}")
+                f"{lp.bits:>4d} {_step_cell(lp):>8} {lp.predicted_error:>10.4g}")
         if max_rows is not None and len(self.layers) > max_rows:
             rows.append(f"... {len(self.layers) - max_rows} more layers")
         rows.append("-" * len(head))
         rows.append(
             f"{'total':<{nw}} {len(self.layers):>3d} layers{'':<8} {self.n:>10d} {'':>9} "
-            f"{self.sparsity:>8.4f} {'':>7} {self.kept:>10d} {'':>4} {'':>7} "
+            f"{self.sparsity:>8.4f} {'':>7} {self.kept:>10d} {'':>4} {'':>8} "
             f"{self.predicted_error:>10.4g}")
         rows.append(
             f"method={self.method} channelwise={self.channelwise} grid={self.grid} "
@@ -422,6 +422,13 @@ class Plan:
 
     def __repr__(self):
         return f"Plan(\n{self.table(max_rows=40)}\n)"
+
+
+def _step_cell(lp) -> str:
+    """The step, or ``cb:K`` for a codebook layer of K levels."""
+    if lp.grid == "codebook":
+        return f"cb:{0 if lp.codebook is None else len(lp.codebook)}"
+    return f"{lp.step:.4f}"
 
 
 def _clip(s: str, n: int) -> str:
