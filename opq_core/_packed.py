@@ -74,7 +74,8 @@ class PackedLayer:
     ----------
     name, shape, dtype : the weight (``dtype`` is the dtype :meth:`decode` returns).
     bits, grid, step : the layer's quantizer; ``scale`` and ``threshold`` (float64, one per
-        output channel) for the uniform grids, ``codebook`` (float64) for ``"codebook"``.
+        output channel) for the uniform grids, ``codebook`` (float64) for ``"codebook"``
+        (with ``scale`` when its levels are in units of channel scales other than 1).
     kept : number of kept weights.
     index : ``"none"`` (every weight kept, or none), ``"bitmask"`` or ``"gap"``.
     index_bytes, code_bytes : uint8 arrays: the sparsity pattern and the symbol stream.
@@ -177,6 +178,8 @@ class _DecodePlan:
         self.name, self.dtype, self.bits, self.grid = pl.name, pl.dtype, pl.bits, pl.grid
         self.step = pl.step
         self.kernel_scale, self.thresholds = pl.scale, pl.threshold
+        if pl.grid == "codebook" and not pl.scale.size:  # absolute units (ANNC)
+            self.kernel_scale = None
         self.codebook = pl.codebook
 
 

@@ -114,7 +114,7 @@ def check_codebook_scale(scale, channels, *, fn="check_codebook_scale", name=Non
     bad = ~(np.isfinite(s) & (s > 0))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{fn}: scale{_where(name)}[{i}] = {s[i]!r} must be finite and > 0")
+        raise ValueError(f"{fn}: scale{_where(name)}[{i}] = {float(s[i])!r} must be finite and > 0")
     return s
 
 
