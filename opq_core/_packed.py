@@ -362,8 +362,9 @@ def _mm_block(xt, y, kind, idx, cbytes, bits, grid, scale, thr, step, cb, cols,
                         y[b, row] = 0.0
                     row += 1
                     rend += cols
-                if grid != 2:
-                    _fill_lut(lut64, grid, scale[row], thr[row], step, kbits, cb)
+                if grid != 2 or scale.shape[0]:  # a scaled codebook: its row's levels
+                    _fill_lut(lut64, grid, scale[row] if scale.shape[0] else 1.0,
+                              thr[row] if grid != 2 else 0.0, step, kbits, cb)
                     for t in range(lut.shape[0]):
                         lut[t] = lut64[t]
             if sn < bits:
@@ -391,7 +392,7 @@ def _mm_block(xt, y, kind, idx, cbytes, bits, grid, scale, thr, step, cb, cols,
                     y[b, r] = 0.0
         return
     for row in range(r0, r1):
-        if grid != 2 or row == r0:
+        if grid != 2 or row == r0 or scale.shape[0]:
             _fill_lut(lut64, grid, scale[row] if scale.shape[0] else 1.0,
                       thr[row] if grid != 2 else 0.0, step, kbits, cb)
             for t in range(lut.shape[0]):

@@ -39,6 +39,7 @@ Examples
 from __future__ import annotations
 
 import importlib
+from typing import Optional
 
 import numba
 import numpy as np
@@ -461,18 +462,18 @@ def _(w, mask, scale, threshold, step, bits, grid):
 
 
 @torch.library.custom_op("opq::fake_quant_codebook", mutates_args=())
-def _fake_quant_codebook_op(w: torch.Tensor, mask: torch.Tensor,
-                            codebook: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _fake_quant_codebook_op(w: torch.Tensor, mask: torch.Tensor, codebook: torch.Tensor,
+                            scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     return fake_quant_codebook_torch(w, mask, codebook, scale)
 
 
 @_fake_quant_codebook_op.register_kernel("cpu")
-def _(w, mask, codebook, scale):
+def _(w, mask, codebook, scale=None):
     return _fqc_cpu(w, mask, codebook, scale)
 
 
 @_fake_quant_codebook_op.register_fake
-def _(w, mask, codebook, scale):
+def _(w, mask, codebook, scale=None):
     return torch.empty_like(w, memory_format=torch.contiguous_format)
 
 

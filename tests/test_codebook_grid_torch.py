@@ -94,4 +94,10 @@ def test_pack_decodes_the_scaled_codebook():
     dense = p.apply(w)["fc"]
     assert np.array_equal(pl.decode(), dense)
     x = rng.normal(size=(3, 30)).astype(np.float32)
-    np.testing.assert_allclose(packed_matmul(pl, x), x @ dense.T, rtol=1e-5, atol=1e-5)
+    import reference as ref
+    oracle = ref.packed_matmul(x, pl.codes(), p["fc"].kernel_scale, None, 0.0, 4, "codebook",
+                               p["fc"].codebook)
+    for blocks in (1, 3, 10):
+        pb = pack_layer(p["fc"], layer_codes(p["fc"], w["fc"], m), m, blocks=blocks)
+        for parallel in (False, True):
+            assert np.array_equal(packed_matmul(pb, x, parallel=parallel), oracle)
