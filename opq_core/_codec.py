@@ -46,7 +46,7 @@ def layer_codes(lp, w, mask) -> np.ndarray:
     codes = np.zeros(lp.shape, dtype=_code_dtype(lp))
     if _is_codebook(lp):
         from .codebook import fake_quant_codebook
-        fake_quant_codebook(x, m, lp.codebook, codes=codes, name=lp.name)
+        fake_quant_codebook(x, m, lp.codebook, scale=lp.kernel_scale, codes=codes, name=lp.name)
     else:
         from .kernels import fake_quant
         fake_quant(x, m, lp.kernel_scale, lp.thresholds, lp.step, lp.bits, lp.grid,
@@ -60,7 +60,7 @@ def decode_layer(lp, codes) -> np.ndarray:
     cdt = compute_dtype(dt)
     if _is_codebook(lp):
         from .codebook import dequantize_codebook
-        out = dequantize_codebook(codes, lp.codebook, cdt, name=lp.name)
+        out = dequantize_codebook(codes, lp.codebook, cdt, scale=lp.kernel_scale, name=lp.name)
     else:
         from .kernels import dequantize
         out = dequantize(codes, lp.kernel_scale, lp.thresholds, lp.step, lp.bits, lp.grid,
@@ -97,7 +97,7 @@ def _weight_and_mask(lp, weights, masks):
             raise TypeError(f"masks[{lp.name!r}]: must be a bool array, got dtype {m.dtype}")
         m = m.reshape(lp.shape) if m.size == lp.n else m
     else:
-        if _is_codebook(lp):
+        if lp.mask_stored_only:
             raise ValueError(f"masks: the codebook layer {lp.name!r} needs its mask (not "
                              f"derivable from the plan)")
         from .apply import layer_mask

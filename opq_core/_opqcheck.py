@@ -320,14 +320,22 @@ def _check_layer(path, fb, header, start, ld, info, layout):
             raise _bad(path, f"{parts[1]} codebook bytes for at most {1 << bits} float32 "
                              "centroids", name, "codebook")
         cb = np.frombuffer(blob[parts[0]:parts[0] + parts[1]], dtype="<f4").astype(np.float64)
-        if not np.all(np.isfinite(cb)) or np.any(np.abs(cb) > fmax):
-            raise _bad(path, f"centroids must be finite numbers within {ld['dtype']}", name,
-                       "codebook")
+        top = float(np.max(np.where(scale > 0, scale, 1.0))) if scale.size else 1.0
+        with np.errstate(over="ignore", invalid="ignore"):
+            big = np.abs(cb) * top
+        if not np.all(np.isfinite(cb)) or not np.all(np.isfinite(big)) or np.any(big > fmax):
+            raise _bad(path, f"centroids (times the channel scales) must be finite numbers "
+                             f"within {ld['dtype']}", name, "codebook")
         ld["codebook"] = cb
+        if type(ld.get("rule_mask", False)) is not bool:
+            raise _bad(path, f"expected true or false, got {ld.get('rule_mask')!r}", name,
+                       "rule_mask")
     else:
         if parts[1]:
             raise _bad(path, f"{parts[1]} codebook bytes on a {grid!r} grid", name, "parts")
         ld["codebook"] = None
+        if ld.get("rule_mask", False) is not False:
+            raise _bad(path, f"rule_mask on a {grid!r} grid", name, "rule_mask")
         if kept:
             from .allocate import channel_thresholds
             ks = np.where(scale > 0, scale, 1.0)

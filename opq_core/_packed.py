@@ -74,7 +74,8 @@ class PackedLayer:
     ----------
     name, shape, dtype : the weight (``dtype`` is the dtype :meth:`decode` returns).
     bits, grid, step : the layer's quantizer; ``scale`` and ``threshold`` (float64, one per
-        output channel) for the uniform grids, ``codebook`` (float64) for ``"codebook"``.
+        output channel) for the uniform grids, ``codebook`` (float64) for ``"codebook"``
+        (with ``scale`` when its levels are in units of channel scales other than 1).
     kept : number of kept weights.
     index : ``"none"`` (every weight kept, or none), ``"bitmask"`` or ``"gap"``.
     index_bytes, code_bytes : uint8 arrays: the sparsity pattern and the symbol stream.
@@ -177,6 +178,8 @@ class _DecodePlan:
         self.name, self.dtype, self.bits, self.grid = pl.name, pl.dtype, pl.bits, pl.grid
         self.step = pl.step
         self.kernel_scale, self.thresholds = pl.scale, pl.threshold
+        if pl.grid == "codebook" and not pl.scale.size:  # absolute units (ANNC)
+            self.kernel_scale = None
         self.codebook = pl.codebook
 
 
@@ -238,7 +241,10 @@ def pack_layer(lp, codes, mask, *, index: str = "auto", blocks: int | None = Non
         if kc.size and (int(kc.min()) < 1 or int(kc.max()) > cb.size):
             raise ValueError(f"{_fn_where(fn, name)}: a code is outside 1..{cb.size}")
         sym = (kc.astype(np.int64) - 1).astype(np.uint8)
-        scale = threshold = np.zeros(0)
+        threshold = np.zeros(0)
+        # levels in units of the channel scales (none stored when they are all 1: ANNC)
+        ks = np.ascontiguousarray(lp.kernel_scale, dtype=np.float64)
+        scale = ks if np.any(ks != 1.0) else np.zeros(0)
     else:
         sym = codes_to_symbols(kc, lp.bits) if kc.size else np.zeros(0, np.uint8)
         cb = np.zeros(0)
@@ -286,7 +292,7 @@ def _fill_lut(lut, grid, s, theta, step, kbits, cb):
     nsym = lut.shape[0]
     if grid == 2:
         for sv in range(nsym):
-            lut[sv] = cb[sv] if sv < cb.shape[0] else 0.0
+            lut[sv] = s * cb[sv] if sv < cb.shape[0] else 0.0
         return
     kmask = (1 << kbits) - 1
     sd = s * step
@@ -325,7 +331,7 @@ def _mm_block(xt, y, kind, idx, cbytes, bits, grid, scale, thr, step, cb, cols,
         pos = p0
         row = r0
         rend = (r0 + 1) * cols
-        _fill_lut(lut64, grid, scale[row] if grid != 2 else 0.0,
+        _fill_lut(lut64, grid, scale[row] if scale.shape[0] else 1.0,
                   thr[row] if grid != 2 else 0.0, step, kbits, cb)
         for t in range(lut.shape[0]):
             lut[t] = lut64[t]
@@ -356,8 +362,9 @@ def _mm_block(xt, y, kind, idx, cbytes, bits, grid, scale, thr, step, cb, cols,
                         y[b, row] = 0.0
                     row += 1
                     rend += cols
-                if grid != 2:
-                    _fill_lut(lut64, grid, scale[row], thr[row], step, kbits, cb)
+                if grid != 2 or scale.shape[0]:  # a scaled codebook: its row's levels
+                    _fill_lut(lut64, grid, scale[row] if scale.shape[0] else 1.0,
+                              thr[row] if grid != 2 else 0.0, step, kbits, cb)
                     for t in range(lut.shape[0]):
                         lut[t] = lut64[t]
             if sn < bits:
@@ -385,8 +392,8 @@ def _mm_block(xt, y, kind, idx, cbytes, bits, grid, scale, thr, step, cb, cols,
                     y[b, r] = 0.0
         return
     for row in range(r0, r1):
-        if grid != 2 or row == r0:
-            _fill_lut(lut64, grid, scale[row] if grid != 2 else 0.0,
+        if grid != 2 or row == r0 or scale.shape[0]:
+            _fill_lut(lut64, grid, scale[row] if scale.shape[0] else 1.0,
                       thr[row] if grid != 2 else 0.0, step, kbits, cb)
             for t in range(lut.shape[0]):
                 lut[t] = lut64[t]

@@ -59,7 +59,7 @@ class LayerPlan:
     ----------
     name, shape, dtype : the tensor.
     bits : bits per kept weight (sign + ``bits - 1`` magnitude bits).
-    grid : ``"offset"`` or ``"symmetric"``.
+    grid : ``"offset"``, ``"symmetric"`` or ``"codebook"``.
     step : normalized quantizer step ``D`` (absolute step of channel c is ``scale[c] * step``).
     channel_scale : per-output-channel scale ``s_c`` (float64 values exactly representable in
         ``scale_dtype``).
@@ -72,12 +72,16 @@ class LayerPlan:
     predicted_sparsity : sparsity the Laplace model predicts for this layer.
     pruning_error : sum of the squared pruned weights (measured).
     predicted_error : ``pruning_error + sum_kept quant_error * s_c^2``.
-    codebook : ``None`` for the uniform grids; for ``grid == "codebook"`` (ANNC's
-        non-uniform quantizer) the sorted non-zero centroids in absolute units (float64
-        values exactly representable in float32, at most ``2**bits`` of them). A kept weight
-        takes the nearest centroid; its code is ``1 + index`` (0 = pruned), packed as the
-        ``bits``-bit symbol ``index``. ``channel_scale``, ``step`` and ``lam`` are unused
-        by the quantizer then, and the mask must be stored (it is not derived from a score).
+    codebook : ``None`` for the uniform grids; for ``grid == "codebook"`` (a non-uniform
+        quantizer shared by the layer's channels) the sorted non-zero centroids in units of
+        ``channel_scale`` (float64 values exactly representable in float32, at most
+        ``2**bits`` of them): a kept weight of channel c takes the nearest of
+        ``channel_scale[c] * codebook``; its code is ``1 + index`` (0 = pruned), packed as
+        the ``bits``-bit symbol ``index``. ``step`` is unused by the quantizer then. ANNC
+        layers have ``channel_scale`` of ones (absolute units) and a stored mask.
+    rule_mask : for a codebook layer, True when its mask is the OPQ rule's (``lam``,
+        ``score_q``, ``channel_scale``, as on the uniform grids: an OPQ plan's
+        ``grid="codebook"``/``"auto"``); False (ANNC) when the mask must be stored.
     importance_out, importance_in : ``None`` unless the plan was weighted
         (``plan(importance=)``): the per-output-channel ``g_c`` and per-input-channel
         ``h_j`` of the rule ``prune iff g_c h_j (w^2 - score_q s_c^2) < lam``
@@ -107,6 +111,7 @@ class LayerPlan:
     importance_out: np.ndarray | None = None
     importance_in: np.ndarray | None = None
     offset_lam: float | None = None
+    rule_mask: bool = False
 
     @property
     def n(self) -> int:
@@ -146,6 +151,17 @@ class LayerPlan:
         """Paper accounting: ``bits * kept``."""
         return int(self.bits) * int(self.kept)
 
+    @property
+    def side_bits(self) -> int:
+        """Bits of the codebook in the file (float32 centroids; 0 for the uniform grids)."""
+        return 32 * len(self.codebook) if self.grid == "codebook" and self.codebook is not None \
+            else 0
+
+    @property
+    def mask_stored_only(self) -> bool:
+        """True when the mask cannot be derived from the plan (an ANNC codebook layer)."""
+        return self.grid == "codebook" and not self.rule_mask
+
     def to_dict(self) -> dict:
         d = {
             "name": self.name, "shape": list(self.shape), "dtype": self.dtype,
@@ -166,6 +182,8 @@ class LayerPlan:
                 d[key] = [float(x) for x in v]
         if self.offset_lam is not None:
             d["offset_lam"] = float(self.offset_lam)
+        if self.rule_mask:
+            d["rule_mask"] = True
         return d
 
     @classmethod
@@ -180,6 +198,7 @@ class LayerPlan:
                 d[key] = np.asarray(d[key], dtype=np.float64)
         if d.get("offset_lam") is not None:
             d["offset_lam"] = float(d["offset_lam"])
+        d["rule_mask"] = bool(d.get("rule_mask", False))
         d["bits"] = int(d["bits"])
         d["kept"] = int(d["kept"])
         for k in ("step", "lam", "score_q", "quant_error", "predicted_sparsity",
@@ -382,7 +401,7 @@ class Plan:
         """The per-layer table with totals (plain text); layer names are never cut."""
         nw = max([28] + [len(lp.name) for lp in self.layers])
         head = (f"{'layer':<{nw}} {'shape':<18} {'n':>10} {'scale':>9} {'sparsity':>8} "
-                f"{'pred.sp':>7} {'kept':>10} {'bits':>4} {'step':>7} {'pred.err':>10}")
+                f"{'pred.sp':>7} {'kept':>10} {'bits':>4} {'step':>8} {'pred.err':>10}")
         rows = [head, "-" * len(head)]
         layers = self.layers if max_rows is None else self.layers[:max_rows]
         for lp in layers:
@@ -390,13 +409,13 @@ class Plan:
             rows.append(
                 f"{lp.name:<{nw}} {_clip(shape, 18):<18} {lp.n:>10d} {lp.scale:>9.3g} "
                 f"{lp.sparsity:>8.4f} {lp.predicted_sparsity:>7.4f} {lp.kept:>10d} "
-                f"{lp.bits:>4d} {lp.step:>7.4f} {lp.predicted_error:>10.4g}")
+                f"{lp.bits:>4d} {_step_cell(lp):>8} {lp.predicted_error:>10.4g}")
         if max_rows is not None and len(self.layers) > max_rows:
             rows.append(f"... {len(self.layers) - max_rows} more layers")
         rows.append("-" * len(head))
         rows.append(
             f"{'total':<{nw}} {len(self.layers):>3d} layers{'':<8} {self.n:>10d} {'':>9} "
-            f"{self.sparsity:>8.4f} {'':>7} {self.kept:>10d} {'':>4} {'':>7} "
+            f"{self.sparsity:>8.4f} {'':>7} {self.kept:>10d} {'':>4} {'':>8} "
             f"{self.predicted_error:>10.4g}")
         rows.append(
             f"method={self.method} channelwise={self.channelwise} grid={self.grid} "
@@ -411,6 +430,13 @@ class Plan:
 
     def __repr__(self):
         return f"Plan(\n{self.table(max_rows=40)}\n)"
+
+
+def _step_cell(lp) -> str:
+    """The step, or ``cb:K`` for a codebook layer of K levels."""
+    if lp.grid == "codebook":
+        return f"cb:{0 if lp.codebook is None else len(lp.codebook)}"
+    return f"{lp.step:.4f}"
 
 
 def _clip(s: str, n: int) -> str:
@@ -491,14 +517,14 @@ def apply_layer(lp, w, mask=None) -> np.ndarray:
     """Dequantized weights of one layer (same dtype as ``w``)."""
     w = np.asarray(w)
     if mask is None:
-        if lp.grid == "codebook":
+        if getattr(lp, "mask_stored_only", lp.grid == "codebook"):
             raise ValueError(f"layer {lp.name!r}: a codebook (ANNC) layer needs its stored mask; "
                              "pass masks=")
         mask = layer_mask(lp, w)
     dtype = compute_dtype(w.dtype)
     if lp.grid == "codebook":
         out = fake_quant_codebook(w.astype(dtype, copy=False), np.asarray(mask, dtype=bool),
-                                  lp.codebook)
+                                  lp.codebook, scale=lp.kernel_scale, name=lp.name)
         return out.astype(w.dtype, copy=False)
     out = fake_quant(w.astype(dtype, copy=False), np.asarray(mask, dtype=bool), lp.kernel_scale,
                      lp.thresholds, lp.step, lp.bits, lp.grid, layer=lp.name)

@@ -34,9 +34,11 @@ from ._budget import _solve_budget
 from .select import select_global
 from ._importance import check_importance
 
-__all__ = ["LayerPlan", "Plan", "plan", "METHODS", "CHANNELWISE", "ERROR_MODELS"]
+__all__ = ["LayerPlan", "Plan", "plan", "METHODS", "CHANNELWISE", "ERROR_MODELS", "GRID_CHOICES"]
 
 METHODS = ("opq", "global", "uniform")
+#: ``plan(grid=)``: the uniform grids, a shared codebook per layer, or the better per layer.
+GRID_CHOICES = ("offset", "symmetric", "codebook", "auto")
 CHANNELWISE = ("unified", "layer")
 ERROR_MODELS = ("fitted", "laplace", "empirical")
 
@@ -85,7 +87,14 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
     channelwise : "unified" | "layer"
         Per-channel scales ``s_c = mean|w_c|`` (one normalized codebook per layer), or one
         scale per layer.
-    grid : "offset" | "symmetric"
+    grid : "offset" | "symmetric" | "codebook" | "auto"
+        The quantizer of the kept weights: a uniform grid with a fitted step (default
+        "offset"), or "codebook": every layer gets a shared codebook of ``2^B`` non-zero
+        levels in units of its channel scales (Lloyd-Max on its kept normalized weights,
+        :mod:`opq_core._codebook_grid`; the masks are the "offset" plan's), or "auto": per
+        layer the codebook when its measured error, with its float32 levels counted as
+        bits, is lower than the offset grid's, else the offset grid. ``LayerPlan.grid``
+        says which; in budget mode the codebooks' bits are counted in the budget.
     error_model : "fitted" | "laplace" | "empirical"
         "fitted" (default): each layer's step ``D`` and kept-weight error ``q`` are fitted
         to its own weights on the histogram of ``|w| / s_c`` gathered in the statistics
@@ -196,7 +205,9 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
     t1 = time.perf_counter()
     scales = [_round_scales(st.channel_scale if channelwise == "unified"
                             else np.full(st.channels, st.scale)) for st in stats]
-    ctx = _Context(names, arrays, stats, scales, grid, error_model, method, dtypes)
+    # "codebook"/"auto" solve the offset plan, then give layers their codebooks
+    base_grid = "offset" if grid in ("codebook", "auto") else grid
+    ctx = _Context(names, arrays, stats, scales, base_grid, error_model, method, dtypes)
     ctx.floors = _floors(ctx, float(min_density))
     ctx.importance = check_importance(importance, names, [st.shape for st in stats])
     if ctx.importance and method == "uniform":
@@ -205,6 +216,14 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
     if budget is None:
         layers, lam, status, message = _solve_sparsity(ctx, sparsity, bits_set[0])
         min_budget = None
+        if base_grid != grid:
+            from ._codebook_grid import choose_grids
+            layers = choose_grids(layers, ctx.arrays, grid)
+    elif base_grid != grid:
+        from ._codebook_grid import solve_budget_with_codebooks
+        S = budget[1] if budget[0] == "bits" else rate_budget_bits(int(ctx.sizes.sum()), budget[1])
+        layers, lam, status, message, min_budget = solve_budget_with_codebooks(
+            _solve_budget, ctx, S, bits_set, grid)
     else:
         layers, lam, status, message, min_budget = _solve_budget(ctx, budget, bits_set)
     message = _warn_collapse(layers, ctx, message)
@@ -230,7 +249,7 @@ def _check_args(weights, sparsity, bits, rate, budget_bits, method, channelwise,
     if len(weights) == 0:
         raise ValueError("weights: the mapping is empty")
     for arg, val, allowed in (("method", method, METHODS), ("channelwise", channelwise, CHANNELWISE),
-                              ("grid", grid, em.GRIDS), ("error_model", error_model, ERROR_MODELS)):
+                              ("grid", grid, GRID_CHOICES), ("error_model", error_model, ERROR_MODELS)):
         if val not in allowed:
             raise ValueError(f"{arg} must be one of {allowed}, got {val!r}")
     budget_mode = rate is not None or budget_bits is not None

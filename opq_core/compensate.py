@@ -212,7 +212,7 @@ def compensate_layer(layer, w, hessian, mask, *, damp: float = 0.1,
             col = W1[:, j].astype(dt)  # what the plan will read back
             mcol = M[:, i1 + j:i1 + j + 1]
             if lp.grid == "codebook":
-                q = fake_quant_codebook(col[:, None], mcol, lp.codebook)[:, 0]
+                q = fake_quant_codebook(col[:, None], mcol, lp.codebook, scale=scale)[:, 0]
             else:
                 q = _quantize_column(col, mcol[:, 0], scale, theta, lp.step, lp.bits, lp.grid)
             latent[:, i1 + j] = col

@@ -14,7 +14,9 @@ unchanged. What a layer becomes (:attr:`ExportedLayer.encoding`):
     (symmetric) is computed in float64 with the kernel's operation order and rounded once:
     bit for bit the plan's weights. Fully kept layers store no bitmask (``"codes-..."``).
 ``"bitmask+codes-codebook"``
-    ``grid="codebook"``: the symbols index a lookup table ``[0, centroids...]`` (``Gather``).
+    ``grid="codebook"``: the symbols index a lookup table ``[0, centroids...]`` (``Gather``;
+    float64 and times the channel scales, then cast to float32, when the levels are in
+    units of channel scales).
 ``"int8-dq"`` / ``"int4-dq"`` / ``"int16-dq"`` (``prefer="qdq"``, symmetric layers)
     The dense codes as an ``int8`` (``bits`` 4..7), ``int4`` (``bits <= 3``) or ``int16``
     (``bits = 8``) initializer and a per-output-channel ``DequantizeLinear`` (scale
@@ -156,7 +158,14 @@ def layer_payload_bytes(lp, prefer: str = "small") -> int:
         return size + 8 * c
     if lp.grid == "offset":
         return size + 16 * c
+    if _scaled_codebook(lp):
+        return size + 8 * ((1 << lp.bits) + 1) + 8 * c
     return size + 4 * ((1 << lp.bits) + 1)
+
+
+def _scaled_codebook(lp) -> bool:
+    """A codebook layer whose levels are in units of channel scales other than 1."""
+    return bool(np.any(np.asarray(lp.kernel_scale, np.float64) != 1.0))
 
 
 class _Builder:
@@ -279,9 +288,16 @@ def _layer_nodes(b, lp, codes, mask, out_name, elem_type, prefer):
     if lp.grid == "codebook":
         table = np.concatenate([[0.0], np.asarray(lp.codebook, dtype=np.float64)])
         table = np.concatenate([table, np.zeros(max(0, (1 << lp.bits) + 1 - table.size))])
-        val = b.node("Gather", [b.const(table.astype(np.float32), "codebook"), dense_code],
-                     axis=0)
-        _finish(b, val, out_name, float_out, onnx.TensorProto.FLOAT)
+        if not _scaled_codebook(lp):  # absolute units (ANNC): the float32 table is the value
+            val = b.node("Gather", [b.const(table.astype(np.float32), "codebook"), dense_code],
+                         axis=0)
+            _finish(b, val, out_name, float_out, onnx.TensorProto.FLOAT)
+            return enc
+        # levels in units of the channel scales: the kernel's float64 s_c * c_k, then float32
+        val = b.node("Gather", [b.const(table, "codebook"), dense_code], axis=0)
+        scale = b.const(np.asarray(lp.kernel_scale, np.float64).reshape(bshape), "scale")
+        f32 = b.node("Cast", [b.node("Mul", [val, scale])], to=onnx.TensorProto.FLOAT)
+        _finish(b, f32, out_name, float_out, onnx.TensorProto.FLOAT)
         return enc
     # the kernel's float64 arithmetic: offset theta + s * ((k - 0.5) * step), symmetric
     # k * (s * step)

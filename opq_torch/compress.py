@@ -370,7 +370,7 @@ def _prepare(model, plan=None, *, fn, sparsity=None, bits=4, rate=None, budget_b
             if tuple(m.shape) != tuple(lp.shape):
                 raise ValueError(f"{fn}: masks[{lp.name!r}] has shape {tuple(m.shape)}, the "
                                  f"layer has shape {tuple(lp.shape)}")
-        elif lp.grid == "codebook":
+        elif lp.mask_stored_only:
             raise ValueError(f"{fn}: layer {lp.name!r} is a codebook (ANNC) layer; its mask "
                              f"cannot be derived from the plan, pass masks={{{lp.name!r}: ...}}")
         else:

@@ -45,7 +45,8 @@ class QuantizedWeight(nn.Module):
 
     Buffers (in ``state_dict``): ``mask`` (bool, the weight's shape), ``scale`` and
     ``threshold`` (float64, one per channel: :math:`s_c`, :math:`\theta_c`), ``codebook``
-    (float64; empty unless ``grid == "codebook"``). Extra state: the layer's
+    (float64; empty unless ``grid == "codebook"``, whose levels are in units of ``scale``;
+    ``threshold`` is empty then). Extra state: the layer's
     :class:`~opq_core.LayerPlan` and the plan's totals. The float64 buffers keep their dtype
     through ``model.half()`` / ``model.to(dtype)``.
 
@@ -84,7 +85,7 @@ class QuantizedWeight(nn.Module):
     def _exact_buffers(self):
         lp = self.layer
         if lp.grid == "codebook":
-            s = np.zeros(0)
+            s = lp.kernel_scale  # the codebook's units (ones for ANNC layers)
             th = np.zeros(0)
             cb = np.asarray(lp.codebook if lp.codebook is not None else [], dtype=np.float64)
         else:
@@ -163,7 +164,7 @@ class QuantizedWeight(nn.Module):
     # ---- forward -----------------------------------------------------------------------
     def forward(self, w):
         if self.grid == "codebook":
-            return CodebookSTE.apply(w, self.mask, self.codebook)
+            return CodebookSTE.apply(w, self.mask, self.codebook, self.scale)
         return FakeQuantSTE.apply(w, self.mask, self.scale, self.threshold, self.step,
                                   self.bits, self.grid)
 

@@ -39,6 +39,7 @@ Examples
 from __future__ import annotations
 
 import importlib
+from typing import Optional
 
 import numba
 import numpy as np
@@ -128,10 +129,11 @@ def _fq_block_eager(x, m, s, th, d: float, kmax: float, symmetric: bool, cdt: to
     return torch.where(m, a, 0.0).to(cdt)
 
 
-def _cb_block(x, m, c, mids, cdt: torch.dtype):
+def _cb_block(x, m, s, c, mids, cdt: torch.dtype):
+    """Nearest centroid on one block: ``x`` (R, M), ``s`` (R, 1) float64 channel scales."""
     x = x.to(cdt).to(torch.float64)
-    idx = torch.bucketize(x, mids, right=False)
-    return torch.where(m, c[idx], 0.0).to(cdt)
+    idx = torch.bucketize(x / s, mids, right=False)
+    return torch.where(m, c[idx] * s, 0.0).to(cdt)
 
 
 _compiled = {}
@@ -268,18 +270,21 @@ def codebook_midpoints(codebook):
     return (c[:-1] + c[1:]) / 2.0
 
 
-def fake_quant_codebook_torch(w, mask, codebook):
+def fake_quant_codebook_torch(w, mask, codebook, scale=None):
     r"""Nearest-centroid fake quantization of kept weights, in torch ops (any device).
 
-    The index of a kept weight is the number of midpoints strictly below it (as float64),
-    so a weight exactly on a midpoint takes the lower centroid:
+    The centroids are in units of the per-output-channel ``scale`` ``s_r`` (default, or an
+    empty tensor: ones, absolute units). The index of a kept weight is the number of
+    midpoints strictly below ``w / s_r`` (float64), so a weight exactly on a midpoint takes
+    the lower centroid:
 
     .. math::
 
-        i(w) = \#\{j : m_j < w\},\qquad \hat w = [\text{mask}]\; c_{i(w)}
+        i(w) = \#\{j : m_j < w / s_r\},\qquad \hat w = [\text{mask}]\; s_r c_{i(w)}
 
-    The centroid (float64) is rounded to float32 and then to ``w``'s dtype. Memory and
-    devices as in :func:`fake_quant_torch`.
+    The product (float64) is rounded to float32 and then to ``w``'s dtype, bit for bit
+    :func:`opq_core.kernels.codebook.fake_quant_codebook`. Memory and devices as in
+    :func:`fake_quant_torch`.
 
     >>> w = torch.tensor([[-0.25, 0.3, 3.0]])
     >>> cb = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)
@@ -294,15 +299,27 @@ def fake_quant_codebook_torch(w, mask, codebook):
     mids = codebook_midpoints(c)
     x2 = _rows_view(w)
     m2 = _rows_view(mask.to(device=w.device))
+    s2 = _codebook_scale(scale, x2.shape[0], w.device)
     if _use_compile(w):
-        y = _run_compiled("cb", _cb_block, x2, m2, c, mids, cdt)
+        y = _run_compiled("cb", _cb_block, x2, m2, s2, c, mids, cdt)
         if y is not None:
             return y.to(w.dtype).reshape(w.shape)
     out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     o2 = out.view(x2.shape)
     for rs, cs in _blocks(*x2.shape):
-        o2[rs, cs] = _cb_block(x2[rs, cs], m2[rs, cs], c, mids, cdt)
+        o2[rs, cs] = _cb_block(x2[rs, cs], m2[rs, cs], s2[rs], c, mids, cdt)
     return out
+
+
+def _codebook_scale(scale, rows, device):
+    """(rows, 1) float64 channel scales of a codebook layer (None or empty: ones)."""
+    if scale is None or scale.numel() == 0:
+        return torch.ones((rows, 1), dtype=torch.float64, device=device)
+    s = scale.to(device=device, dtype=torch.float64).reshape(-1, 1)
+    if s.shape[0] != rows:
+        raise ValueError(f"fake_quant_codebook: scale has {s.shape[0]} values for {rows} "
+                         "output channels")
+    return s
 
 
 def ste_backward_torch(grad, mask):
@@ -401,14 +418,15 @@ def _codebook_kernel():
     return _codebook_impl or None
 
 
-def _fqc_cpu(w, mask, codebook):
+def _fqc_cpu(w, mask, codebook, scale=None):
     fn = _codebook_kernel()
     if fn is None or codebook.numel() == 0:
-        return fake_quant_codebook_torch(w, mask, codebook)
+        return fake_quant_codebook_torch(w, mask, codebook, scale)
     cdt = _compute_dtype(w.dtype)
     x = w if w.dtype == cdt else w.to(cdt)
+    sc = None if scale is None or scale.numel() == 0 else _np(scale.to(torch.float64))
     with _kernel_threads(x.numel()):
-        out = fn(_np(x), _np(mask), _np(codebook.to(torch.float64)))
+        out = fn(_np(x), _np(mask), _np(codebook.to(torch.float64)), scale=sc)
     y = torch.from_numpy(np.ascontiguousarray(out))
     return y if y.dtype == w.dtype else y.to(w.dtype)
 
@@ -444,18 +462,18 @@ def _(w, mask, scale, threshold, step, bits, grid):
 
 
 @torch.library.custom_op("opq::fake_quant_codebook", mutates_args=())
-def _fake_quant_codebook_op(w: torch.Tensor, mask: torch.Tensor,
-                            codebook: torch.Tensor) -> torch.Tensor:
-    return fake_quant_codebook_torch(w, mask, codebook)
+def _fake_quant_codebook_op(w: torch.Tensor, mask: torch.Tensor, codebook: torch.Tensor,
+                            scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return fake_quant_codebook_torch(w, mask, codebook, scale)
 
 
 @_fake_quant_codebook_op.register_kernel("cpu")
-def _(w, mask, codebook):
-    return _fqc_cpu(w, mask, codebook)
+def _(w, mask, codebook, scale=None):
+    return _fqc_cpu(w, mask, codebook, scale)
 
 
 @_fake_quant_codebook_op.register_fake
-def _(w, mask, codebook):
+def _(w, mask, codebook, scale=None):
     return torch.empty_like(w, memory_format=torch.contiguous_format)
 
 
@@ -513,20 +531,22 @@ class FakeQuantSTE(torch.autograd.Function):
 class CodebookSTE(torch.autograd.Function):
     """Codebook (ANNC) prune + fake-quant with a straight-through gradient.
 
-    ``CodebookSTE.apply(w, mask, codebook)``; see :func:`fake_quant_codebook_torch`.
+    ``CodebookSTE.apply(w, mask, codebook[, scale])``; see :func:`fake_quant_codebook_torch`.
     """
 
     @staticmethod
-    def forward(ctx, w, mask, codebook):
+    def forward(ctx, w, mask, codebook, scale=None):
         ctx.save_for_backward(mask)
+        if scale is None:
+            scale = codebook.new_empty(0)
         if _eager_cpu(w):
-            return _fqc_cpu(w, mask, codebook)
-        return _fake_quant_codebook_op(w, mask, codebook)
+            return _fqc_cpu(w, mask, codebook, scale)
+        return _fake_quant_codebook_op(w, mask, codebook, scale)
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return _ste(grad, mask), None, None
+        return _ste(grad, mask), None, None, None
 
 
 def fake_quant_ste(w, mask, scale, threshold, step, bits, grid="offset"):
@@ -534,6 +554,6 @@ def fake_quant_ste(w, mask, scale, threshold, step, bits, grid="offset"):
     return FakeQuantSTE.apply(w, mask, scale, threshold, step, bits, grid)
 
 
-def fake_quant_codebook_ste(w, mask, codebook):
+def fake_quant_codebook_ste(w, mask, codebook, scale=None):
     """Functional form of :class:`CodebookSTE`."""
-    return CodebookSTE.apply(w, mask, codebook)
+    return CodebookSTE.apply(w, mask, codebook, scale)

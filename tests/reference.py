@@ -279,14 +279,15 @@ def unpack_codes(buf, mask, bits):
 
 def packed_matmul(x, codes, scale, threshold, step, bits, grid="offset", codebook=None):
     """``x @ W.T`` as :func:`opq_core._packed.packed_matmul` computes it: each kept weight
-    decoded to float32 (the dequantize formula, or ``codebook[code - 1]``), each product
+    decoded to float32 (the dequantize formula, or ``scale[c] * codebook[code - 1]``), each product
     ``float64(x) * float64(w)`` added in row-major order of the kept weights to a float64
     sum that starts at 0.0, the sum rounded to float32."""
     x = np.atleast_2d(np.asarray(x, dtype=np.float32))
     cd = _rows(codes).astype(np.int64)
-    if grid == "codebook":
-        cb = np.asarray(codebook, dtype=np.float64).astype(np.float32)
-        w = np.where(cd > 0, cb[np.maximum(cd, 1) - 1], np.float32(0.0)).astype(np.float32)
+    if grid == "codebook":  # levels in units of the channel scales: float32(s_c * c_k)
+        cb = np.asarray(codebook, dtype=np.float64)
+        sc = np.ones(cd.shape[0]) if scale is None else np.asarray(scale, np.float64)
+        w = np.where(cd > 0, sc[:, None] * cb[np.maximum(cd, 1) - 1], 0.0).astype(np.float32)
     else:
         w = _rows(dequantize(cd, scale, threshold, step, bits, grid, np.float32))
     y = np.zeros((x.shape[0], cd.shape[0]), dtype=np.float32)
