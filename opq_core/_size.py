@@ -18,9 +18,8 @@ is met by measurement, not by a model:
   ``TOLERANCE`` of the budget.
 
 The file's header does not hold the budget or the size (only ``budget_bits``), so the
-smallest file of a model does not depend on the budget asked, bar a few bytes: the header
-stores the plan's timings (``solve_seconds``...), whose digits differ from call to call.
-The chosen plan is the one
+smallest file of a model does not depend on the budget asked; nor does it hold the plan's
+timings, so the same weights and plan always give the same bytes. The chosen plan is the one
 whose size was measured: writing it with the same ``other``
 tensors, ``layout`` and ``metadata`` gives a file of exactly ``Plan.predicted_bytes``
 bytes, never more than ``size_bytes``.

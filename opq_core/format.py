@@ -79,6 +79,9 @@ def _plan_header(plan) -> dict:
     # must not depend on the digits of the budget)
     d.pop("predicted_bytes", None)
     d.pop("budget_bytes", None)
+    # nor how long planning took: the same weights and plan give the same bytes
+    for key in ("stats_seconds", "solve_seconds", "select_seconds"):
+        d.pop(key, None)
     for layer in d["layers"]:
         layer.pop("channel_scale", None)
         layer.pop("codebook", None)

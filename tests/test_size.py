@@ -92,13 +92,12 @@ def test_size_bytes_infeasible_names_the_minimum():
                                          r".opq file of these weights, \d+ bytes") as exc:
         opq_core.plan(w, size_bytes=100)
     smallest = int(re.search(r"weights, (\d+) bytes", str(exc.value)).group(1))
-    assert lo - 16 <= smallest < lo + 400
-    # the header stores the plan's timings: another call's smallest file can differ by a
-    # few bytes (their digits, compressed), not more
-    p = opq_core.plan(w, size_bytes=smallest + 16)
-    assert smallest - 16 <= p.predicted_bytes <= smallest + 16
-    with pytest.raises(ValueError, match=r"below the smallest .* \d+ bytes"):
-        opq_core.plan(w, size_bytes=smallest - 16)
+    assert lo <= smallest < lo + 400
+    # the file does not hold the planning times: the smallest file is the same on every call
+    p = opq_core.plan(w, size_bytes=smallest)
+    assert p.predicted_bytes == smallest
+    with pytest.raises(ValueError, match=rf"below the smallest .* {smallest} bytes"):
+        opq_core.plan(w, size_bytes=smallest - 1)
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -161,9 +160,8 @@ def test_cli_size_round_trip(tmp_path, capsys):
     assert "bytes predicted" in text and os.path.getsize(tmp_path / "p.opq") <= 6144
     rc, text, err = _cli(["plan", src, "--size", "6kB", "-q", "--json"], capsys)
     assert rc == 0 and json.loads(text)["budget_bytes"] == 6000
-    # the plan counts the metadata 'opq compress' writes: the same size, bar the few bytes
-    # of the planning times stored in the header
-    assert abs(json.loads(text)["predicted_bytes"] - d["size"]["predicted_bytes"]) <= 16
+    # the plan counts the metadata 'opq compress' writes: the same size, to the byte
+    assert json.loads(text)["predicted_bytes"] == d["size"]["predicted_bytes"]
 
 
 @pytest.mark.parametrize("size, match", [("12XB", "unknown unit"), ("10B", "below the smallest")])
