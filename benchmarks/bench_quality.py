@@ -41,15 +41,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from quality import finetune as FT  # noqa: E402
 from quality import methods as Q  # noqa: E402
 from quality import models as M  # noqa: E402
 from quality import report as R  # noqa: E402
 from quality import tasks as T  # noqa: E402
 
-#: opq variants: label -> extra keyword arguments of opq_torch.compress (one line each).
-#: e.g. "opq empirical": {"error_model": "empirical"}, "opq calibrated": {"calibration":
-#: "@calibration"}
-OPQ_VARIANTS = {"opq": {}}
+#: opq variants: label -> extra keyword arguments of opq_torch.compress (one line each),
+#: e.g. "opq empirical": {"error_model": "empirical"}. "opq calibrated": the same plan (hence
+#: the same size) with calibration batches (<= 256 samples disjoint from the reported data):
+#: error compensation of the kept weights + BatchNorm recalibration, opq_torch's defaults
+OPQ_VARIANTS = {"opq": {}, "opq calibrated": {"calibration": "@calibration"}}
 
 
 @dataclass(frozen=True)
@@ -68,12 +70,16 @@ class Grid:
     hqq_bits: tuple = (2, 3, 4)
     hqq_sparsity: tuple = (0.0, 0.5)
     quanto: tuple = ("qint4", "qint2")
+    # the opq variants other than "opq": their size-budget targets (None: opq_rates) and
+    # whether they run the fixed-bit grid too (a calibrated point costs about a minute)
+    variant_rates: tuple | None = (8.0, 16.0, 32.0, 64.0, 128.0)
+    variant_fixed: bool = False
 
 
 #: HQQ's proximal optimization is the slowest method here (about 5 s per million weights on
 #: two busy cores): fewer HQQ points on the larger models, fewer points on the slow ones.
 MEDIUM = replace(Grid(), opq_sparsity=(0.0, 0.5, 0.75), rtn_sparsity=(0.0, 0.5, 0.75),
-                 hqq_bits=(2, 3, 4), hqq_sparsity=(0.0,))
+                 hqq_bits=(2, 3, 4), hqq_sparsity=(0.0,), variant_rates=(8.0, 16.0, 32.0))
 SMALL = Grid(opq_bits=(3, 4), opq_sparsity=(0.5, 0.8),
              opq_rates=(6.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0),
              rtn_bits=(2, 3, 4), rtn_sparsity=(0.0, 0.7), rtn_max_bits=(4,),
@@ -82,11 +88,11 @@ SMALL = Grid(opq_bits=(3, 4), opq_sparsity=(0.5, 0.8),
 #: point on two busy cores; the fewest points that still give curves
 FULL = Grid(opq_bits=(4,), opq_sparsity=(0.5,), opq_rates=(8.0, 16.0, 32.0, 64.0),
             rtn_bits=(2, 3, 4), rtn_sparsity=(0.0,), rtn_max_bits=(), hqq_bits=(),
-            hqq_sparsity=(), quanto=("qint4", "qint2"))
+            hqq_sparsity=(), quanto=("qint4", "qint2"), variant_rates=(16.0,))
 #: ResNet-20: every evaluation is 5,000 images (about a minute on two busy cores)
 RESNET = Grid(opq_bits=(4,), opq_sparsity=(0.5,), opq_rates=(8.0, 16.0, 32.0, 64.0),
               rtn_bits=(2, 4), rtn_sparsity=(0.0, 0.5), rtn_max_bits=(), hqq_bits=(3,),
-              hqq_sparsity=(0.0,), quanto=())
+              hqq_sparsity=(0.0,), quanto=(), variant_rates=(8.0, 16.0, 32.0, 64.0))
 QUICK = Grid(opq_bits=(4,), opq_sparsity=(0.5,), opq_rates=(16.0,), rtn_bits=(4,),
              rtn_sparsity=(0.5, 0.75), rtn_max_bits=(), hqq_bits=(), hqq_sparsity=(),
              quanto=())
@@ -106,13 +112,14 @@ class Config:
     threads: int = 2
     seed: int = 0
     opq_variants: dict = field(default_factory=lambda: dict(OPQ_VARIANTS))
+    baselines: bool = True
 
     @classmethod
     def quick(cls):
         return cls(name="bench_quality_quick", models=("crepe_tiny", "minilm"),
                    grids={"crepe_tiny": QUICK_HQQ},
                    grid=QUICK, tones={"crepe_tiny": 96, "crepe_full": 16}, sentences=48,
-                   cifar_images=500)
+                   cifar_images=500, opq_variants={"opq": {}})
 
     def grid_of(self, model):
         return self.grids.get(model, self.grid)
@@ -172,18 +179,22 @@ def make_bench(name, cfg: Config):
 # points
 # --------------------------------------------------------------------------------------
 
-def point_specs(grid: Grid, variants: dict, quanto_ok: bool):
+def point_specs(grid: Grid, variants: dict, quanto_ok: bool, baselines: bool = True):
     """``[(family, curve, label, method, kwargs)]``; points shared by two curves appear twice
     (computed once)."""
     specs = []
     for v, extra in variants.items():
-        for b in grid.opq_bits:
+        plain = v == "opq"
+        for b in grid.opq_bits if plain or grid.variant_fixed else ():
             for s in grid.opq_sparsity:
                 specs.append(("opq", f"{v} {b}b", f"{v} s={s:g} {b}b", "opq",
                               dict(dict(sparsity=s, bits=b), **extra)))
-        for r in grid.opq_rates:
+        rates = grid.opq_rates if plain or grid.variant_rates is None else grid.variant_rates
+        for r in rates:
             specs.append(("opq", f"{v} size budget", f"{v} rate={r:g} (bits 1..8)", "opq",
                           dict(dict(rate=r, bits=None), **extra)))
+    if not baselines:
+        return specs
     for b in grid.rtn_bits:
         for s in grid.rtn_sparsity:
             label = (f"RTN-clip {b}b" if s == 0 else f"magnitude s={s:g} + RTN-clip {b}b")
@@ -210,7 +221,11 @@ def point_specs(grid: Grid, variants: dict, quanto_ok: bool):
 def _resolve(kw, bench):
     out = {}
     for k, v in kw.items():
-        out[k] = bench.task.calibration() if v == "@calibration" else v
+        if v == "@calibration":
+            if not hasattr(bench, "_calibration"):
+                bench._calibration = bench.task.calibration()
+            v = bench._calibration
+        out[k] = v
     return out
 
 
@@ -228,7 +243,8 @@ def run_model(bench: Bench, cfg: Config, quanto_ok: bool, log=print):
     metric = bench.task.metric
     cache, points = {}, []
     for family, curve, label, method, kw in point_specs(cfg.grid_of(bench.name),
-                                                         cfg.opq_variants, quanto_ok):
+                                                         cfg.opq_variants, quanto_ok,
+                                                         cfg.baselines):
         key = (method, json.dumps(_jsonable(kw), sort_keys=True))
         if key not in cache:
             torch.manual_seed(cfg.seed)
@@ -295,13 +311,17 @@ def markdown(result):
             continue
         parts = []
         for h in res["headline"]:
+            cal = (f", calibrated {R._f(h['opq_calibrated'])}"
+                   if h.get("opq_calibrated") is not None else "")
             parts.append(f"{h['storage_rate']:g}x: opq size budget {R._f(h['opq_size_budget'])}"
-                         f" vs best baseline {R._f(h['baseline'])} ({h['baseline_curve'] or '-'})"
-                         f" -> {h['verdict_size_budget']}")
+                         f"{cal} vs best baseline {R._f(h['baseline'])} "
+                         f"({h['baseline_curve'] or '-'}) -> {h['verdict_size_budget']}")
         lines.append(f"- {name} ({res['metric']}): " + "; ".join(parts) + ".")
     lines.append("")
     for name, res in result["models"].items():
         lines += R.model_markdown(name, res)
+    if result.get("finetune"):
+        lines += FT.markdown(result["finetune"])
     return "\n".join(lines) + "\n"
 
 
@@ -312,7 +332,28 @@ def _write(path, text):
     os.replace(tmp, path)
 
 
-def run(cfg: Config, out: str, log=print, merge: bool = False):
+def _point_key(p):
+    return (p["curve"], p["method"], json.dumps(p["settings"], sort_keys=True))
+
+
+def _add_points(old, new):
+    """``new`` with the points of ``old`` that ``new`` did not recompute (same model, same
+    dense metrics: the weights did not change), the comparisons recomputed."""
+    od, nd = old.get("dense") or {}, new.get("dense") or {}
+    if old.get("skipped") or sorted(od) != sorted(nd) or not all(
+            math.isclose(od[k], nd[k], rel_tol=1e-5, abs_tol=1e-9) for k in od):
+        raise ValueError("--add-points: the model's dense metrics differ from those of the "
+                         "existing JSON (other weights or data); rerun it whole")
+    mine = {_point_key(p) for p in new["points"]}
+    pts = [p for p in old["points"] if _point_key(p) not in mine] + new["points"]
+    res = dict(old, points=pts)
+    metrics = [(res["metric"], res["higher_is_better"])] + [tuple(m) for m in res["secondary"]]
+    res["matched"] = R.matched(pts, metrics)
+    res["headline"] = R.headline(pts, res["metric"], res["higher_is_better"])
+    return res
+
+
+def run(cfg: Config, out: str, log=print, merge: bool = False, add_points: bool = False):
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -338,18 +379,47 @@ def run(cfg: Config, out: str, log=print, merge: bool = False):
         with open(base + ".json") as f:
             old = json.load(f)
         for k, v in result["models"].items():
-            if not (v.get("skipped") and not old["models"].get(k, {}).get("skipped", True)):
+            if add_points and not v.get("skipped"):
+                old["models"][k] = _add_points(old["models"][k], v)
+            elif not (v.get("skipped") and not old["models"].get(k, {}).get("skipped", True)):
                 old["models"][k] = v
         old["seconds"] = old.get("seconds", 0.0) + result["seconds"]
         old.setdefault("runs", []).append({"models": list(cfg.models),
                                            "seconds": result["seconds"],
-                                           "machine": result["machine"]})
+                                           "machine": result["machine"],
+                                           "opq_variants": sorted(cfg.opq_variants),
+                                           "baselines": cfg.baselines,
+                                           "added_points": add_points})
         result = old
     _write(base + ".json", json.dumps(result, indent=1, default=float))
     _write(base + ".md", markdown(result))
     R.plot(result, base + ".png")
     log(f"wrote {base}.json / .md / .png in {result['seconds']:.0f} s")
     return result
+
+
+def run_finetune(out, name="bench_quality", rates=(16.0, 32.0), epochs=2,
+                 images_per_epoch=45000, threads=2, log=print):
+    """The fine-tuned ResNet-20 comparison, stored as ``"finetune"`` in ``<out>/<name>.json``
+    (which must exist); the markdown and the figure are re-rendered."""
+    torch.set_num_threads(threads)
+    path = os.path.join(out, name + ".json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"run_finetune: {path} does not exist (run the benchmark first)")
+    model, why = M.load_resnet20()
+    data, why2 = (None, why) if model is None else FT.load_data()
+    if data is None:
+        log(f"[finetune] skipped: {why2}")
+        return None
+    ft = FT.run(model, data, rates, epochs=epochs, images_per_epoch=images_per_epoch,
+                log=log)
+    ft["machine"] = machine()
+    with open(path) as f:         # read last: other runs may have merged into it meanwhile
+        result = json.load(f)
+    result["finetune"] = ft
+    _write(path, json.dumps(result, indent=1, default=float))
+    _write(path[:-len(".json")] + ".md", markdown(result))
+    return ft
 
 
 def render(json_path):
@@ -392,9 +462,26 @@ def main(argv=None):
                     "existing JSON of the same name (then re-render the markdown and figure)")
     ap.add_argument("--opq-variant", action="append", default=[], type=_variant,
                     help='extra opq variant "label:key=value,..." (repeatable)')
+    ap.add_argument("--variants", default=None, help="comma-separated opq variants to run "
+                    f"(default all: {', '.join(OPQ_VARIANTS)} and every --opq-variant)")
+    ap.add_argument("--no-baselines", action="store_true", help="run the opq points only")
+    ap.add_argument("--add-points", action="store_true", help="with --merge: keep the "
+                    "existing points of a model that this run does not recompute (its dense "
+                    "metrics must match), e.g. to add one opq variant")
     ap.add_argument("--from-json", default=None, help="recompute the comparisons of an "
                     "existing JSON from its points and re-render the markdown and the figure")
+    ap.add_argument("--finetune", action="store_true", help="only the fine-tuned ResNet-20 "
+                    "comparison, added to the existing JSON in --out")
+    ap.add_argument("--finetune-rates", default="16,32", help="opq size-budget targets")
+    ap.add_argument("--finetune-epochs", type=int, default=2)
+    ap.add_argument("--finetune-images", type=int, default=45000,
+                    help="training images per fine-tuning epoch")
     a = ap.parse_args(argv)
+    if a.finetune:
+        run_finetune(a.out, rates=tuple(float(r) for r in a.finetune_rates.split(",")),
+                     epochs=a.finetune_epochs, images_per_epoch=a.finetune_images,
+                     threads=a.threads or 2, log=lambda s: print(s, flush=True))
+        return
     if a.from_json:
         render(a.from_json)
         return
@@ -405,7 +492,18 @@ def main(argv=None):
         cfg = replace(cfg, threads=a.threads)
     if a.opq_variant:
         cfg = replace(cfg, opq_variants={**cfg.opq_variants, **dict(a.opq_variant)})
-    run(cfg, a.out, log=lambda s: print(s, flush=True), merge=a.merge)
+    if a.variants:
+        names = [v.strip() for v in a.variants.split(",") if v.strip()]
+        unknown = [v for v in names if v not in cfg.opq_variants]
+        if unknown:
+            ap.error(f"--variants: unknown {unknown}; known: {sorted(cfg.opq_variants)}")
+        cfg = replace(cfg, opq_variants={v: cfg.opq_variants[v] for v in names})
+    if a.no_baselines:
+        cfg = replace(cfg, baselines=False)
+    if a.add_points and not a.merge:
+        ap.error("--add-points needs --merge")
+    run(cfg, a.out, log=lambda s: print(s, flush=True), merge=a.merge,
+        add_points=a.add_points)
 
 
 if __name__ == "__main__":

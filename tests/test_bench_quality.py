@@ -129,3 +129,74 @@ def test_quick_mode_baselines_compress(quick):
     assert s75["storage_rate"] > s5["storage_rate"]
     # 4-bit codes + mask + side information: between 1 and 5 bits per weight at s = 0.5
     assert 1.0 < s5["bits_per_weight"] < 5.0
+
+
+def _small_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 10)).eval()
+
+
+def test_fixed_rtn_matches_post_training_and_passes_masked_gradients():
+    from quality import finetune as FT
+    net = _small_net()
+    names = list(Q.targets(net))
+    ptq = Q.magnitude_rtn(net, names, sparsity=0.6, bits=3, clip=True)
+    m = copy_of(net)
+    inst = FT.install_baseline(m, names, 0.6, 3)
+    for k in names:
+        mod = Q.targets(m)[k]
+        assert torch.equal(mod.weight, ptq.model.state_dict()[k])
+    # the same byte accounting as the post-training baseline
+    assert sum(r.bytes for r in FT.baseline_layers(m, inst)) == pytest.approx(ptq.bytes)
+    x = torch.randn(4, 3, 8, 8)
+    m(x).square().sum().backward()
+    for k in names:
+        mod = Q.targets(m)[k]
+        g = mod.parametrizations.weight.original.grad
+        assert torch.all(g[~inst[k].mask.bool()] == 0) and g.abs().sum() > 0
+
+
+def copy_of(net):
+    import copy
+    return copy.deepcopy(net)
+
+
+def test_matched_sparsity_hits_the_bytes():
+    from quality import finetune as FT
+    net = _small_net()
+    names = list(Q.targets(net))
+    target = Q.magnitude_rtn(net, names, sparsity=0.0, bits=3, clip=True).bytes
+    s = FT.matched_sparsity(net, names, 4, target)
+    got = Q.magnitude_rtn(net, names, sparsity=s, bits=4, clip=True).bytes
+    assert 0.0 < s < 1.0 and abs(got / target - 1) <= FT.BYTES_TOLERANCE
+    # 2-bit dense is already smaller than 3-bit dense: no matching sparsity
+    assert FT.matched_sparsity(net, names, 2, target) is None
+
+
+def test_variant_grid_and_calibration_pairs():
+    import bench_quality as bq
+    g = replace(bq.QUICK, opq_rates=(8.0, 16.0), variant_rates=(16.0,), variant_fixed=False)
+    specs = bq.point_specs(g, {"opq": {}, "opq calibrated": {"calibration": "@calibration"}},
+                           False, baselines=False)
+    labels = [s[2] for s in specs]
+    assert labels == ["opq s=0.5 4b", "opq rate=8 (bits 1..8)", "opq rate=16 (bits 1..8)",
+                      "opq calibrated rate=16 (bits 1..8)"]
+    pts = [{"family": "opq", "curve": c, "label": lab, "method": "opq", "settings": st,
+            "storage_rate": sr, "bits_per_weight": 32.0 / sr, "seconds": 1.0,
+            "metrics": {"rpa": v}}
+           for (_, c, lab, _, st), sr, v in zip(specs, (13.0, 9.0, 14.0, 13.8),
+                                                 (0.9, 1.0, 0.8, 0.95))]
+    for p in pts:
+        p["settings"] = bq._jsonable(p["settings"])
+    rows = R.calibration_pairs(pts, [("rpa", True)])
+    assert len(rows) == 1 and rows[0]["rpa_free"] == 0.8 and rows[0]["rpa_calibrated"] == 0.95
+    assert rows[0]["rpa_gain"] == pytest.approx(0.15)
+    h = R.headline(pts, "rpa", True, targets=(13.9,))[0]
+    assert h["opq_calibrated"] is None                     # one point: no range
+    old = {"dense": {"rpa": 1.0}, "metric": "rpa", "higher_is_better": True, "secondary": [],
+           "points": pts[:3]}
+    merged = bq._add_points(old, dict(old, points=pts[2:]))
+    assert [p["label"] for p in merged["points"]] == labels
+    with pytest.raises(ValueError, match="dense"):
+        bq._add_points(old, dict(old, dense={"rpa": 0.5}, points=[]))

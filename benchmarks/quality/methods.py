@@ -166,11 +166,10 @@ def _rtn_grid(lo, hi, r, levels):
     return scale[:, None], zero[:, None]
 
 
-def rtn_channels(w: torch.Tensor, mask: torch.Tensor, bits: int, clip: bool):
-    """Per-row asymmetric RTN of the kept entries of a 2-D ``w``.
-
-    Returns ``(dequantized (masked), codes (int64, same shape), ratio per row)``.
-    """
+def rtn_fit(w: torch.Tensor, mask: torch.Tensor, bits: int, clip: bool):
+    """Per-row asymmetric RTN grid of the kept entries of a 2-D ``w``: ``(scale (rows, 1),
+    zero (rows, 1), clip ratio per row)``; ``clip=True`` searches the ratio that minimizes
+    each row's squared error on its kept weights."""
     w = w.float()
     mf = mask.float()
     lo = torch.where(mask, w, torch.full_like(w, math.inf)).amin(1).clamp(max=0.0)
@@ -194,16 +193,35 @@ def rtn_channels(w: torch.Tensor, mask: torch.Tensor, bits: int, clip: bool):
     else:
         best_r = torch.full_like(lo, ratios[0])
     scale, zero = _rtn_grid(lo, hi, best_r, levels)
-    q = (torch.round(w / scale) + zero).clamp_(0, levels)
-    deq = (q - zero) * scale
-    return deq * mf, q.long(), best_r
+    return scale, zero, best_r
+
+
+def rtn_apply(w: torch.Tensor, scale, zero, bits: int):
+    """``(dequantized, codes (int64))`` of a 2-D ``w`` on a fixed per-row grid."""
+    q = (torch.round(w.float() / scale) + zero).clamp_(0, 2 ** bits - 1)
+    return (q - zero) * scale, q.long()
+
+
+def rtn_channels(w: torch.Tensor, mask: torch.Tensor, bits: int, clip: bool):
+    """Per-row asymmetric RTN of the kept entries of a 2-D ``w``.
+
+    Returns ``(dequantized (masked), codes (int64, same shape), ratio per row)``.
+    """
+    scale, zero, ratio = rtn_fit(w, mask, bits, clip)
+    deq, q = rtn_apply(w, scale, zero, bits)
+    return deq * mask.float(), q, ratio
+
+
+def pruned_targets(model, names, sparsity):
+    """``(weights, masks)`` of the named targets under one global magnitude threshold."""
+    mods = targets(model, ())
+    weights = {k: mods[k].weight.detach() for k in names}
+    return weights, global_masks(weights, sparsity)
 
 
 def magnitude_rtn(model, names, *, sparsity=0.0, bits=4, clip=True) -> Compressed:
     t0 = time.perf_counter()
-    mods = targets(model, ())
-    weights = {k: mods[k].weight.detach() for k in names}
-    masks = global_masks(weights, sparsity)
+    weights, masks = pruned_targets(model, names, sparsity)
     new, layers = {}, []
     for k, w in weights.items():
         w2, m2 = w.reshape(w.shape[0], -1), masks[k].reshape(w.shape[0], -1)
@@ -240,9 +258,7 @@ def hqq_tensor(w: torch.Tensor, bits: int, group: int = 64):
 
 def hqq(model, names, *, bits=4, sparsity=0.0, group=64) -> Compressed:
     t0 = time.perf_counter()
-    mods = targets(model, ())
-    weights = {k: mods[k].weight.detach() for k in names}
-    masks = global_masks(weights, sparsity)
+    weights, masks = pruned_targets(model, names, sparsity)
     new, layers = {}, []
     for k, w in weights.items():
         m = masks[k]
@@ -301,6 +317,21 @@ def quanto(model, names, *, qtype="qint4") -> Compressed:
 # opq
 # --------------------------------------------------------------------------------------
 
+def opq_file_bytes(model, names):
+    """``([LayerBytes], CompressedFile)`` of a compressed model's written ``.opq`` file."""
+    import opq_torch
+    with tempfile.TemporaryDirectory() as d:
+        cf = opq_torch.save(model, os.path.join(d, "model.opq"))
+    recs = {r.name: r for r in cf.layers}
+    # per layer: its blob + header share; what the file has beyond their sum (if anything)
+    # is shared out by weight count, so the layers add up to compressed_bytes exactly
+    total = cf.compressed_bytes
+    layer_data = {n: float(recs[n].nbytes) for n in names}
+    overhead = total - sum(layer_data.values())
+    return [LayerBytes(n, int(recs[n].n), int(recs[n].kept),
+                       layer_data[n] + overhead * recs[n].n / cf.n) for n in names], cf
+
+
 def opq(model, names, *, exclude=(), **kw) -> Compressed:
     """``opq_torch.compress(copy, **kw)``, then the real bytes of its written .opq file."""
     import opq_torch
@@ -314,17 +345,7 @@ def opq(model, names, *, exclude=(), **kw) -> Compressed:
     if sorted(plan.names) != sorted(names):
         raise RuntimeError(f"opq compressed {sorted(plan.names)}, the benchmark's targets are "
                            f"{sorted(names)}")
-    with tempfile.TemporaryDirectory() as d:
-        cf = opq_torch.save(m, os.path.join(d, "model.opq"))
-    recs = {r.name: r for r in cf.layers}
-    # per layer: its blob + header share; what the file has beyond their sum (if anything)
-    # is shared out by weight count, so the layers add up to compressed_bytes exactly
-    total = cf.compressed_bytes
-    layer_data = {n: float(recs[n].nbytes) for n in names}
-    known = sum(layer_data.values())
-    overhead = total - known
-    layers = [LayerBytes(n, int(recs[n].n), int(recs[n].kept),
-                         layer_data[n] + overhead * recs[n].n / cf.n) for n in names]
+    layers, cf = opq_file_bytes(m, names)
     bits = sorted({int(lp.bits) for lp in plan.layers})
     return Compressed(m.eval(), layers, seconds,
                       {"paper_rate": float(cf.paper_rate), "file_storage_rate":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -160,25 +161,37 @@ def cifar_module():
     return _import_file("_bench_cifar", p), None
 
 
-def cifar_data(n_calibration: int = 256):
-    """``((x_test, y_test, calibration_fn), None)`` or ``(None, reason)``, from
-    ``benchmarks/cifar.py``: the held-out images normalized with the training split's channel
-    statistics; ``calibration_fn()`` returns augmented batches of the first
-    ``n_calibration`` training images (never the held-out ones)."""
+def cifar_loaded():
+    """``((cifar module, x_train, y_train, mean, std, x_test, y_test), None)`` or ``(None,
+    reason)``: the uint8 training images and labels of ``benchmarks/cifar.py``, their channel
+    statistics, and the held-out images normalized with them (tensors)."""
     cifar, why = cifar_module()
     if cifar is None:
         return None, why
     try:
-        x_train, _, x_test, y_test = cifar.load_cifar10()
+        x_train, y_train, x_test, y_test = cifar.load_cifar10()
     except (OSError, ValueError) as exc:
         return None, f"CIFAR-10 does not load: {exc}"
     mean, std = cifar.channel_stats(x_train)
-    xt = cifar.to_tensor(x_test, mean, std)
-    yt = torch.as_tensor(y_test, dtype=torch.long)
+    return (cifar, x_train, y_train, mean, std, cifar.to_tensor(x_test, mean, std),
+            torch.as_tensor(y_test, dtype=torch.long)), None
+
+
+def cifar_data(n_calibration: int = 256):
+    """``((x_test, y_test, calibration_fn), None)`` or ``(None, reason)``, from
+    ``benchmarks/cifar.py``: the held-out images normalized with the training split's channel
+    statistics; ``calibration_fn()`` returns augmented batches of ``n_calibration`` training
+    images drawn at random (seed 0; the training split is ordered by class, so its first
+    images would all be airplanes), never the held-out ones."""
+    loaded, why = cifar_loaded()
+    if loaded is None:
+        return None, why
+    cifar, x_train, _, mean, std, xt, yt = loaded
 
     def calibration():
         g = torch.Generator().manual_seed(0)
-        x = cifar.augment(cifar.to_tensor(x_train[:n_calibration], mean, std), generator=g)
+        idx = torch.randperm(len(x_train), generator=g)[:n_calibration].numpy()
+        x = cifar.augment(cifar.to_tensor(x_train[np.sort(idx)], mean, std), generator=g)
         return [x[i:i + 64] for i in range(0, len(x), 64)]
 
     return (xt, yt, calibration), None
