@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._results import total
 
 
 
@@ -131,13 +132,8 @@ class CompressedFile:
     metadata: dict = field(default_factory=dict)
     other_names: tuple = ()
 
-    @property
-    def n(self) -> int:
-        return sum(r.n for r in self.layers)
-
-    @property
-    def kept(self) -> int:
-        return sum(r.kept for r in self.layers)
+    n = total("n")
+    kept = total("kept")
 
     @property
     def compressed_bytes(self) -> int:

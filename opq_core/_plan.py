@@ -16,6 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
+from ._results import total
 from .kernels import fake_quant, mask_from_scores, scores
 from .kernels.codebook import fake_quant_codebook
 from .stats import check_weight
@@ -238,36 +239,23 @@ class Plan:
     version: int = PLAN_VERSION
 
     # ---- totals -----------------------------------------------------------------
-    @property
-    def n(self) -> int:
-        return sum(layer.n for layer in self.layers)
-
-    @property
-    def kept(self) -> int:
-        return sum(layer.kept for layer in self.layers)
+    n = total("n")
+    kept = total("kept")
 
     @property
     def sparsity(self) -> float:
         n = self.n
         return 1.0 - self.kept / n if n else 0.0
 
-    @property
-    def size_bits(self) -> int:
-        """``sum_i bits_i * nnz_i`` over the compressed layers."""
-        return sum(layer.size_bits for layer in self.layers)
+    size_bits = total("size_bits", doc="``sum_i bits_i * nnz_i`` over the compressed layers.")
 
     @property
     def paper_rate(self) -> float:
         """``32 N / sum_i bits_i nnz_i`` (no index, no codebook): the papers' figure."""
         return paper_rate(self.n, self.size_bits)
 
-    @property
-    def predicted_error(self) -> float:
-        return float(sum(layer.predicted_error for layer in self.layers))
-
-    @property
-    def pruning_error(self) -> float:
-        return float(sum(layer.pruning_error for layer in self.layers))
+    predicted_error = total("predicted_error", float)
+    pruning_error = total("pruning_error", float)
 
     @property
     def seconds(self) -> float:

@@ -9,6 +9,7 @@ from typing import Mapping
 import numpy as np
 
 from .._jit import PARALLEL_MIN_SIZE, jit, prange, twins
+from .._results import table_repr
 from ..select import band_half_width
 from ._common import _BLOCK, _bad_weight, _check_budget, _layers, _per_layer_int
 
@@ -201,7 +202,7 @@ class PruneResult:
                         f"{int(self.kept[i]):>10d} {sp:>8.4f}")
         rows.append(f"size_bits={self.size_bits} budget_bits={self.budget_bits} "
                     f"sparsity={self.sparsity:.4f} passes={self.passes}")
-        return "PruneResult(\n" + "\n".join(rows) + "\n)"
+        return table_repr("PruneResult", rows)
 
 
 def prune_to_budget(weights: Mapping, bits, budget_bits, *, min_kept: int = 1,
