@@ -16,7 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ._results import total
+from ._results import layer_table, shape_text, total
 from .kernels import fake_quant, mask_from_scores, scores
 from .kernels.codebook import fake_quant_codebook
 from .stats import check_weight
@@ -363,38 +363,27 @@ class Plan:
     # ---- display -------------------------------------------------------------------
     def table(self, *, max_rows: int | None = None) -> str:
         """The per-layer table with totals (plain text); layer names are never cut."""
-        nw = max([28] + [len(lp.name) for lp in self.layers])
-        head = (f"{'layer':<{nw}} {'shape':<18} {'n':>10} {'scale':>9} {'sparsity':>8} "
-                f"{'pred.sp':>7} {'kept':>10} {'bits':>4} {'step':>7} {'pred.err':>10}")
-        rows = [head, "-" * len(head)]
-        layers = self.layers if max_rows is None else self.layers[:max_rows]
-        for lp in layers:
-            shape = "x".join(str(s) for s in lp.shape)
-            rows.append(
-                f"{lp.name:<{nw}} {_clip(shape, 18):<18} {lp.n:>10d} {lp.scale:>9.3g} "
+        return layer_table(
+            self.layers,
+            lambda nw: (f"{'layer':<{nw}} {'shape':<18} {'n':>10} {'scale':>9} {'sparsity':>8} "
+                        f"{'pred.sp':>7} {'kept':>10} {'bits':>4} {'step':>7} {'pred.err':>10}"),
+            lambda lp, nw: (
+                f"{lp.name:<{nw}} {shape_text(lp.shape, 18):<18} {lp.n:>10d} {lp.scale:>9.3g} "
                 f"{lp.sparsity:>8.4f} {lp.predicted_sparsity:>7.4f} {lp.kept:>10d} "
-                f"{lp.bits:>4d} {lp.step:>7.4f} {lp.predicted_error:>10.4g}")
-        if max_rows is not None and len(self.layers) > max_rows:
-            rows.append(f"... {len(self.layers) - max_rows} more layers")
-        rows.append("-" * len(head))
-        rows.append(
-            f"{'total':<{nw}} {len(self.layers):>3d} layers{'':<8} {self.n:>10d} {'':>9} "
-            f"{self.sparsity:>8.4f} {'':>7} {self.kept:>10d} {'':>4} {'':>7} "
-            f"{self.predicted_error:>10.4g}")
-        rows.append(
-            f"method={self.method} channelwise={self.channelwise} grid={self.grid} "
-            f"error_model={self.error_model} paper_rate={self.paper_rate:.2f}x "
-            f"size={self.size_bits / 8 / 1024:.1f} KiB stats={self.stats_seconds * 1e3:.1f} ms "
-            f"solve={self.solve_seconds * 1e3:.1f} ms select={self.select_seconds * 1e3:.1f} ms")
-        rows.append(f"success={self.success} status={self.status}: {self.message}")
-        return "\n".join(rows)
+                f"{lp.bits:>4d} {lp.step:>7.4f} {lp.predicted_error:>10.4g}"),
+            lambda nw: (
+                f"{'total':<{nw}} {len(self.layers):>3d} layers{'':<8} {self.n:>10d} {'':>9} "
+                f"{self.sparsity:>8.4f} {'':>7} {self.kept:>10d} {'':>4} {'':>7} "
+                f"{self.predicted_error:>10.4g}"),
+            [f"method={self.method} channelwise={self.channelwise} grid={self.grid} "
+             f"error_model={self.error_model} paper_rate={self.paper_rate:.2f}x "
+             f"size={self.size_bits / 8 / 1024:.1f} KiB stats={self.stats_seconds * 1e3:.1f} ms "
+             f"solve={self.solve_seconds * 1e3:.1f} ms select={self.select_seconds * 1e3:.1f} ms",
+             f"success={self.success} status={self.status}: {self.message}"],
+            max_rows)
 
     def __repr__(self):
         return f"Plan(\n{self.table(max_rows=40)}\n)"
-
-
-def _clip(s: str, n: int) -> str:
-    return s if len(s) <= n else "…" + s[-(n - 1):]
 
 
 # ---------------------------------------------------------------------------

@@ -21,6 +21,33 @@ def column(field: str, over: str) -> property:
     return property(get)
 
 
-def table_repr(name: str, rows) -> str:
-    """``Name(``, one line per row, ``)``."""
-    return f"{name}(\n" + "\n".join(rows) + "\n)"
+def table_repr(name: str, head: str, items, row, *footer: str) -> str:
+    """``Name(``, the ``head`` line, ``row(item)`` per item, the ``footer`` lines, ``)``."""
+    return f"{name}(\n" + "\n".join([head, *(row(x) for x in items), *footer]) + "\n)"
+
+
+def clip(s: str, n: int) -> str:
+    """``s`` cut to its last ``n`` characters (an ellipsis first) when longer."""
+    return s if len(s) <= n else "…" + s[-(n - 1):]
+
+
+def shape_text(shape, n: int) -> str:
+    """``3x3x64`` clipped to ``n`` characters."""
+    return clip("x".join(str(s) for s in shape), n)
+
+
+def layer_table(layers, head, row, total_row, footer, max_rows=None) -> str:
+    """A plain-text table of named layers: ``head(nw)``, a rule, ``row(layer, nw)`` for the
+    first ``max_rows`` layers, a rule, ``total_row(nw)``, then the ``footer`` lines;
+    ``nw`` is the width of the longest name (at least 28): names are never cut."""
+    nw = max([28] + [len(r.name) for r in layers])
+    h = head(nw)
+    rows = [h, "-" * len(h)]
+    shown = layers if max_rows is None else layers[:max_rows]
+    rows.extend(row(r, nw) for r in shown)
+    if max_rows is not None and len(layers) > max_rows:
+        rows.append(f"... {len(layers) - max_rows} more layers")
+    rows.append("-" * len(h))
+    rows.append(total_row(nw))
+    rows.extend(footer)
+    return "\n".join(rows)

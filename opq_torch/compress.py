@@ -57,6 +57,7 @@ from opq_core.apply import layer_mask
 
 from . import calibrate as _cal
 from ._layers import discover
+from ._numpy import to_numpy as _numpy_weight
 from .parametrize import _STATE_VERSION, QuantizedWeight, _decode_state, _plan_meta  # noqa: F401
 
 __all__ = ["compress", "restore", "quantizers", "is_compressed", "plan_of", "masks_of", "compressed_weights",
@@ -108,13 +109,6 @@ def is_compressed(model) -> bool:
     """
     _check_model(model, "is_compressed")
     return bool(_compressed_modules(model))
-
-
-def _numpy_weight(w):
-    t = w.detach()
-    if t.dtype == torch.bfloat16:
-        t = t.float()
-    return t.cpu().numpy()
 
 
 # ---- shared tensors: the other owners read the first owner's (compressed) tensor ----------

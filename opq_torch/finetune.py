@@ -50,12 +50,12 @@ class History:
     def __repr__(self):
         def f(v):
             return "      -" if v is None else f"{v:7.4f}"
-        rows = [f"{'epoch':>5} {'loss':>9} {'train acc':>9} {'eval acc':>8} {'lr':>9} {'s':>7}"]
-        for e in self.epochs:
-            rows.append(f"{e.epoch:>5d} {e.train_loss:>9.4f} {f(e.train_acc):>9} "
-                        f"{f(e.eval_acc):>8} {e.lr:>9.3g} {e.seconds:>7.2f}")
-        rows.append(f"total {self.steps} steps, {self.seconds:.2f} s")
-        return table_repr("History", rows)
+        return table_repr("History",
+                          f"{'epoch':>5} {'loss':>9} {'train acc':>9} {'eval acc':>8} {'lr':>9} "
+                          f"{'s':>7}", self.epochs,
+                          lambda e: f"{e.epoch:>5d} {e.train_loss:>9.4f} {f(e.train_acc):>9} "
+                                    f"{f(e.eval_acc):>8} {e.lr:>9.3g} {e.seconds:>7.2f}",
+                          f"total {self.steps} steps, {self.seconds:.2f} s")
 
 
 def _split(batch, fn):

@@ -23,19 +23,13 @@ from opq_core.format import CompressedFile, read_opq, write_opq
 from dataclasses import replace as dc_replace
 
 from ._layers import discover
+from ._numpy import to_numpy
 from .compress import (_install, _opq_entries, _prepare, compress, compressed_weights, is_compressed,
                        masks_of, plan_from_state_dict, plan_of)
 
 __all__ = ["save", "load", "load_pretrained"]
 
 _PARAM = ".parametrizations."
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        t = t.float()
-    return t.numpy().copy()
 
 
 def _other_tensors(model) -> dict:
@@ -47,7 +41,7 @@ def _other_tensors(model) -> dict:
             continue
         if k in aliases:
             continue
-        out[k] = _numpy(v)
+        out[k] = to_numpy(v, copy=True)
     return out
 
 

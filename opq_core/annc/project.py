@@ -42,13 +42,15 @@ class QuantResult:
         return int((self.bits * self.kept).sum())
 
     def __repr__(self):
-        rows = [f"{'layer':<28} {'kept':>10} {'bits':>4} {'centroids':>9} {'error':>10}"]
-        for i, n in enumerate(self.names):
+        def row(i):
+            n = self.names[i]
             j = self.bits_choices.index(int(self.bits[i]))
-            rows.append(f"{n[-28:]:<28} {int(self.kept[i]):>10d} {int(self.bits[i]):>4d} "
-                        f"{self.codebooks[n].size:>9d} {self.errors[i, j]:>10.4g}")
-        rows.append(f"size_bits={self.size_bits} method={self.choice.method}")
-        return table_repr("QuantResult", rows)
+            return (f"{n[-28:]:<28} {int(self.kept[i]):>10d} {int(self.bits[i]):>4d} "
+                    f"{self.codebooks[n].size:>9d} {self.errors[i, j]:>10.4g}")
+        return table_repr("QuantResult",
+                          f"{'layer':<28} {'kept':>10} {'bits':>4} {'centroids':>9} {'error':>10}",
+                          range(len(self.names)), row,
+                          f"size_bits={self.size_bits} method={self.choice.method}")
 
 
 def quantize_projection(weights: Mapping, masks: Mapping, budget_bits, *, bits=BITS,
@@ -144,12 +146,11 @@ class Projection:
         return out
 
     def __repr__(self):
-        rows = [f"{'layer':<28} {'kept':>10} {'bits':>4} {'centroids':>9}"]
-        for n in self.names:
-            rows.append(f"{n[-28:]:<28} {self.kept[n]:>10d} {self.bits[n]:>4d} "
-                        f"{self.codebooks[n].size:>9d}")
-        rows.append(f"size_bits={self.size_bits} budget_bits={self.budget_bits}")
-        return table_repr("Projection", rows)
+        return table_repr("Projection", f"{'layer':<28} {'kept':>10} {'bits':>4} {'centroids':>9}",
+                          self.names,
+                          lambda n: f"{n[-28:]:<28} {self.kept[n]:>10d} {self.bits[n]:>4d} "
+                                    f"{self.codebooks[n].size:>9d}",
+                          f"size_bits={self.size_bits} budget_bits={self.budget_bits}")
 
 
 def _lagrangian_bits(flats, tau, per_weight, choices):

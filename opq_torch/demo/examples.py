@@ -45,6 +45,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..finetune import evaluate  # noqa: F401 (the one top-1 accuracy; re-exported)
+
 __all__ = ["Data", "DenseHistory", "DATASETS", "MODELS", "DigitsCNN", "DigitsResNet",
            "MNIST1DCNN", "ModelSpec", "load_data", "load_digits", "load_mnist1d", "loaders", "make_model",
            "train_dense", "evaluate", "deterministic", "limit_threads"]
@@ -352,23 +354,6 @@ class DenseHistory:
         loss = "n/a" if not self.loss else f"{self.loss[-1]:.4f}"
         return (f"DenseHistory(epochs={len(self.loss)}, final_loss={loss}, "
                 f"final_accuracy={acc}, seconds={self.seconds:.2f})")
-
-
-def evaluate(model: nn.Module, loader) -> float:
-    """Top-1 accuracy of ``model`` on ``loader`` (eval mode, no gradients; mode restored)."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    try:
-        with torch.no_grad():
-            for x, y in loader:
-                correct += int((model(x).argmax(dim=1) == y).sum())
-                total += int(y.numel())
-    finally:
-        model.train(was_training)
-    if total == 0:
-        raise ValueError("loader: no samples to evaluate")
-    return correct / total
 
 
 def train_dense(model: nn.Module, train_loader, test_loader=None, *, epochs: int = 20,
