@@ -87,6 +87,13 @@ class LayerPlan:
         offset-grid thresholds ``sqrt(max(0, offset_lam + score_q s_c^2))`` (the smallest
         unweighted score of its kept weights). A weighted layer read from a file carries
         ``offset_lam`` but not the importance: its mask is the stored one.
+    channel_axis : the axis of the stored tensor that holds its output channels (0 unless
+        the PyTorch adapter knew better: Hugging Face ``Conv1D`` and ``ConvTranspose*``
+        store ``[in, out, ...]``, axis 1). The plan (``shape``, ``channel_scale``, masks,
+        codes, decoded weights) is of ``np.moveaxis(stored, channel_axis, 0)``;
+        :meth:`to_stored` turns an array of the plan's layout back, exactly. The command
+        line plans every tensor as stored (axis 0), since a checkpoint file does not say
+        which module owns a tensor.
     """
 
     name: str
@@ -108,6 +115,20 @@ class LayerPlan:
     importance_out: np.ndarray | None = None
     importance_in: np.ndarray | None = None
     offset_lam: float | None = None
+    channel_axis: int = 0
+
+    @property
+    def stored_shape(self) -> tuple:
+        """The shape of the tensor as stored (``shape`` with ``channel_axis`` moved back)."""
+        return tuple(self.to_stored(np.empty(self.shape, np.bool_)).shape)
+
+    def to_stored(self, a):
+        """An array of the plan's layout (channels first) in the stored tensor's layout."""
+        return np.moveaxis(a, 0, self.channel_axis) if self.channel_axis else a
+
+    def from_stored(self, a):
+        """An array of the stored tensor's layout in the plan's (channels first)."""
+        return np.moveaxis(a, self.channel_axis, 0) if self.channel_axis else a
 
     @property
     def n(self) -> int:
@@ -167,6 +188,8 @@ class LayerPlan:
                 d[key] = [float(x) for x in v]
         if self.offset_lam is not None:
             d["offset_lam"] = float(self.offset_lam)
+        if self.channel_axis:
+            d["channel_axis"] = int(self.channel_axis)
         return d
 
     @classmethod
@@ -183,6 +206,10 @@ class LayerPlan:
             d["offset_lam"] = float(d["offset_lam"])
         d["bits"] = int(d["bits"])
         d["kept"] = int(d["kept"])
+        d["channel_axis"] = int(d.get("channel_axis", 0))
+        if not 0 <= d["channel_axis"] < max(len(d["shape"]), 1):
+            raise ValueError(f"layer {d.get('name')!r}: channel_axis {d['channel_axis']} is "
+                             f"not an axis of shape {d['shape']}")
         for k in ("step", "lam", "score_q", "quant_error", "predicted_sparsity",
                   "pruning_error", "predicted_error"):
             d[k] = float(d[k])

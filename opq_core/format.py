@@ -426,12 +426,13 @@ class OpqStream:
         """``(shape, NumPy dtype)`` of a tensor as :meth:`tensor` returns it."""
         if name in self._infos:
             lp = self.plan[name]
-            return tuple(lp.shape), np.dtype(lp.dtype)
+            return lp.stored_shape, np.dtype(lp.dtype)
         e = self._header[name]
         return tuple(e["shape"]), np.dtype(_NP_DTYPES[e["dtype"]])
 
     def tensor(self, name) -> np.ndarray:
-        """A compressed layer's dense weights, or another tensor as it was written."""
+        """A compressed layer's dense weights (in the stored tensor's layout, see
+        ``LayerPlan.channel_axis``), or another tensor as it was written."""
         if name in self._infos:
             lp = self.plan[name]
             blob = _entry_bytes(self._path, self._fb, self._header, self._start,
@@ -441,7 +442,7 @@ class OpqStream:
             except (OpqFormatError, ValueError) as exc:
                 text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise _bad(self._path, text, layer=name) from None
-            return decode_layer(lp, codes)
+            return np.ascontiguousarray(lp.to_stored(decode_layer(lp, codes)))
         if name not in self.file.other_names:
             raise KeyError(name)
         e = self._header[name]

@@ -276,7 +276,9 @@ def _prepare(model, plan=None, *, fn, sparsity=None, bits=4, rate=None, budget_b
 
     # ---- the plan ----
     if plan is None:
-        weights = {n: _numpy_weight(sl.tensor) for n, sl in chosen.items()}
+        # planned with the output channels first (Slot.axis), moved back when installed
+        weights = {n: np.ascontiguousarray(np.moveaxis(_numpy_weight(sl.tensor), sl.axis, 0))
+                   for n, sl in chosen.items()}
         if not weights:
             raise ValueError(f"{fn}: model has no compressible tensor (a floating tensor with "
                              f"ndim >= 2) left after exclude={excl}")
@@ -294,7 +296,9 @@ def _prepare(model, plan=None, *, fn, sparsity=None, bits=4, rate=None, budget_b
                              error_model=error_model, **kw)
         planned = set(plan.names)
         plan = replace(plan, skipped=tuple(k for k in layers.names
-                                           if k not in planned and k not in layers.aliases))
+                                           if k not in planned and k not in layers.aliases),
+                       layers=tuple(replace(lp, channel_axis=chosen[lp.name].axis)
+                                    for lp in plan.layers))
     else:
         if not isinstance(plan, Plan):
             raise TypeError(f"{fn}: plan must be an opq_core.Plan, got {type(plan).__name__}")
@@ -320,8 +324,8 @@ def _prepare(model, plan=None, *, fn, sparsity=None, bits=4, rate=None, budget_b
                 raise ValueError(f"{fn}: plan layer {lp.name!r} appears twice")
             seen.add(lp.name)
             shape = tuple(chosen[lp.name].tensor.shape)
-            if shape != tuple(lp.shape):
-                raise ValueError(f"{fn}: plan layer {lp.name!r} has shape {tuple(lp.shape)}, the "
+            if shape != lp.stored_shape:
+                raise ValueError(f"{fn}: plan layer {lp.name!r} has shape {lp.stored_shape}, the "
                                  f"model's weight has shape {shape} (a plan for another model?)")
 
     # ---- masks ----
@@ -345,7 +349,7 @@ def _prepare(model, plan=None, *, fn, sparsity=None, bits=4, rate=None, budget_b
                              f"cannot be derived from the plan, pass masks={{{lp.name!r}: ...}}")
         else:
             try:
-                m = layer_mask(lp, _numpy_weight(w))
+                m = layer_mask(lp, lp.from_stored(_numpy_weight(w)))
             except ValueError as exc:
                 raise ValueError(f"{fn}: {exc}. To install a plan on other weights (e.g. a "
                                  f"fresh model that will load a checkpoint) pass masks= "
