@@ -104,8 +104,9 @@ def write_opq(path, plan, weights: Mapping | None = None, *, codes: Mapping | No
         existing file is replaced only when the new one is complete.
     plan : opq_core.Plan
     weights : mapping name -> array, optional
-        Latent weights of the plan's layers (quantized here with the plan; a lazy mapping
-        is read one tensor at a time). Give ``weights`` or ``codes``.
+        Latent weights of the plan's layers, in the plan's layout (``LayerPlan.shape``;
+        quantized here with the plan; a lazy mapping is read one tensor at a time). Give
+        ``weights`` or ``codes``.
     codes : mapping name -> integer array, optional
         Ready codes (:func:`compress_weights`), with ``masks`` or derived as ``codes != 0``.
     masks : mapping name -> bool array, optional
@@ -297,6 +298,10 @@ def read_opq(path, *, decode: bool = True, progress: bool = False) -> Compressed
         and the accounting (what ``opq inspect`` shows).
     progress : bool
         Show a tqdm progress bar.
+
+    The weights and masks are in the plan's layout (``LayerPlan.shape``, output channels
+    first); ``LayerPlan.to_stored`` gives the stored tensor's for a layer planned along
+    another ``channel_axis`` (:class:`OpqStream` returns that layout).
 
     Raises
     ------

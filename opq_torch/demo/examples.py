@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..finetune import evaluate  # noqa: F401 (the one top-1 accuracy; re-exported)
+from ..finetune import evaluate as _evaluate
 
 __all__ = ["Data", "DenseHistory", "DATASETS", "MODELS", "DigitsCNN", "DigitsResNet",
            "MNIST1DCNN", "ModelSpec", "load_data", "load_digits", "load_mnist1d", "loaders", "make_model",
@@ -354,6 +354,15 @@ class DenseHistory:
         loss = "n/a" if not self.loss else f"{self.loss[-1]:.4f}"
         return (f"DenseHistory(epochs={len(self.loss)}, final_loss={loss}, "
                 f"final_accuracy={acc}, seconds={self.seconds:.2f})")
+
+
+def evaluate(model: nn.Module, loader) -> float:
+    """Top-1 accuracy of ``model`` on ``loader`` (:func:`opq_torch.finetune.evaluate`: eval
+    mode, no gradients, mode restored); an empty loader is refused."""
+    acc = _evaluate(model, loader)
+    if acc is None:
+        raise ValueError("loader: no samples to evaluate")
+    return acc
 
 
 def train_dense(model: nn.Module, train_loader, test_loader=None, *, epochs: int = 20,
