@@ -11,8 +11,8 @@ selects exactly the tensors that :func:`opq_torch.compress` selects on the model
 Channel axis: the per-channel scales go along the output channels. For most owners that is
 ``shape[0]`` (``Linear``, ``Conv*``, the token of an ``Embedding``, bare Parameters);
 Hugging Face ``Conv1D`` stores its weight ``[in, out]`` and ``ConvTranspose*`` (groups 1)
-``[in, out, ...]``, so their :attr:`Slot.axis` is 1: :func:`opq_torch.compress` plans
-the view with that axis moved first, records it in the plan (``LayerPlan.channel_axis``,
+``[in, out, ...]``, so their :attr:`Slot.axis` is 1: with ``channel_axis="output"``
+:func:`opq_torch.compress` plans the view with that axis moved first, records it in the plan (``LayerPlan.channel_axis``,
 hence in the .opq file) and the parametrization moves it back, exactly. (A grouped
 ``ConvTranspose*`` keeps axis 0: its output channels are not one axis.) The command line
 sees a checkpoint without its modules and plans every tensor as stored (axis 0);

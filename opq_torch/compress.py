@@ -150,8 +150,14 @@ def _untie(mod):
 def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=None,
              method="opq", channelwise="unified", grid="offset", error_model="fitted",
              exclude=None, masks=None, sensitivity=None, calibration=None,
-             compensate=None, example=None) -> Plan:
+             compensate=None, example=None, channel_axis="stored") -> Plan:
     r"""Plan (or take a plan) and install it: prune + quantize every compressible tensor.
+
+    ``channel_axis="output"`` plans the channel scales of Hugging Face ``Conv1D`` and
+    ungrouped ``ConvTranspose*`` weights (stored ``[in, out, ...]``) along their output
+    channels (``LayerPlan.channel_axis = 1``, recorded in the plan and the .opq file);
+    the default ``"stored"`` plans every tensor along ``shape[0]``, as the command line
+    does (see :mod:`opq_torch._layers`).
 
     Compressible (:mod:`opq_torch._layers`): every floating ``state_dict`` tensor with
     ``ndim >= 2``, whatever module owns it (Linear, Conv*, ConvTranspose*, Embedding,
@@ -243,7 +249,7 @@ def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=
                                        channelwise=channelwise, grid=grid,
                                        error_model=error_model, exclude=exclude, masks=masks,
                                        sensitivity=sensitivity, calibration=calibration,
-                                       example=example, cal=cal)
+                                       example=example, cal=cal, channel_axis=channel_axis)
     _install(plan, layers, installed)
     # ---- calibration: compensation, then BatchNorm statistics ----
     if calibration is not None:
@@ -259,7 +265,7 @@ def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=
 def _prepare(model, plan=None, *, fn, sparsity=None, bits=4, rate=None, budget_bits=None,
              method="opq", channelwise="unified", grid="offset", error_model="laplace",
              exclude=None, masks=None, sensitivity=None, calibration=None, example=None,
-             cal=None):
+             cal=None, channel_axis="stored"):
     """Every check of :func:`compress`, nothing changed: ``(plan, layers, masks)``
     (the calibration statistics of a planned model go into ``cal["stats"]``)."""
     _check_model(model, fn)
@@ -276,8 +282,13 @@ def _prepare(model, plan=None, *, fn, sparsity=None, bits=4, rate=None, budget_b
 
     # ---- the plan ----
     if plan is None:
-        # planned with the output channels first (Slot.axis), moved back when installed
-        weights = {n: np.ascontiguousarray(np.moveaxis(_numpy_weight(sl.tensor), sl.axis, 0))
+        if channel_axis not in ("stored", "output"):
+            raise ValueError(f"{fn}: channel_axis must be 'stored' or 'output', got "
+                             f"{channel_axis!r}")
+        # "output": planned with the output channels first (Slot.axis), moved back when
+        # installed
+        axis = {n: sl.axis if channel_axis == "output" else 0 for n, sl in chosen.items()}
+        weights = {n: np.ascontiguousarray(np.moveaxis(_numpy_weight(sl.tensor), axis[n], 0))
                    for n, sl in chosen.items()}
         if not weights:
             raise ValueError(f"{fn}: model has no compressible tensor (a floating tensor with "
@@ -297,7 +308,7 @@ def _prepare(model, plan=None, *, fn, sparsity=None, bits=4, rate=None, budget_b
         planned = set(plan.names)
         plan = replace(plan, skipped=tuple(k for k in layers.names
                                            if k not in planned and k not in layers.aliases),
-                       layers=tuple(replace(lp, channel_axis=chosen[lp.name].axis)
+                       layers=tuple(replace(lp, channel_axis=axis[lp.name])
                                     for lp in plan.layers))
     else:
         if not isinstance(plan, Plan):

@@ -30,7 +30,7 @@ def test_discover_names_the_output_channel_axis():
 def test_conv_transpose_scales_go_along_the_output_channels(tmp_path):
     net = _net(0)
     x = torch.randn(2, 4, 5, 5)
-    plan = opq_torch.compress(net, sparsity=0.5, bits=3)
+    plan = opq_torch.compress(net, sparsity=0.5, bits=3, channel_axis="output")
     lp = plan["0.weight"]
     assert (lp.channel_axis, lp.shape, lp.stored_shape) == (1, (6, 4, 3, 3), (4, 6, 3, 3))
     assert lp.channel_scale.size == 6
@@ -82,7 +82,7 @@ def test_a_file_planned_along_axis_0_loads_into_the_model(tmp_path):
 
 
 def test_layer_plan_channel_axis_round_trips_and_is_checked():
-    lp = opq_torch.compress(_net(0), sparsity=0.5, bits=3)["0.weight"]
+    lp = opq_torch.compress(_net(0), sparsity=0.5, bits=3, channel_axis="output")["0.weight"]
     d = lp.to_dict()
     assert d["channel_axis"] == 1 and LayerPlan.from_dict(d) == lp
     a = np.arange(np.prod(lp.stored_shape)).reshape(lp.stored_shape)

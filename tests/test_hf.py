@@ -108,10 +108,8 @@ def test_compress_train_and_round_trips_are_bit_exact(kind, mode, tmp_path):
     # one policy: every floating tensor with ndim >= 2, tied ones once (first name)
     expect = names - ({TIED[kind][1]} if kind in TIED else set())
     assert set(plan.names) == expect
-    if kind == "gpt2":  # Hugging Face Conv1D stores (in, out): planned per output channel
-        lp = plan["transformer.h.0.attn.c_attn.weight"]
-        assert lp.shape == (48, 16) and lp.channel_axis == 1 and lp.stored_shape == (16, 48)
-        assert lp.channel_scale.size == 48
+    if kind == "gpt2":  # Hugging Face Conv1D, planned as stored (in, out) by default
+        assert plan["transformer.h.0.attn.c_attn.weight"].shape == (16, 48)
     batch = _batch(kind)
     _train(model, batch)
     if kind in TIED:  # both owners read the same compressed tensor
@@ -144,6 +142,21 @@ def test_compress_train_and_round_trips_are_bit_exact(kind, mode, tmp_path):
     opq_torch.load_pretrained(folder, fresh2)
     assert torch.equal(_out(fresh2, batch), y)
     assert opq_torch.plan_of(fresh2) == opq_torch.plan_of(model)
+
+
+def test_gpt2_conv1d_along_its_output_channels_round_trips(tmp_path):
+    model, cls, cfg = _build("gpt2")
+    plan = opq_torch.compress(model, sparsity=0.6, bits=4, channel_axis="output")
+    lp = plan["transformer.h.0.attn.c_attn.weight"]  # Conv1D stores (in, out)
+    assert lp.shape == (48, 16) and lp.channel_axis == 1 and lp.stored_shape == (16, 48)
+    assert lp.channel_scale.size == 48
+    batch = _batch("gpt2")
+    y = _out(model, batch)
+    opq_torch.save(model, tmp_path / "m.opq")
+    fresh = cls(cfg).eval()
+    opq_torch.load(tmp_path / "m.opq", fresh)
+    assert torch.equal(_out(fresh, batch), y)
+    assert opq_torch.plan_of(fresh) == plan
 
 
 def _get(model, name):
