@@ -50,3 +50,17 @@ def emit(name, result, rows, columns, json_path=None):
     if json_path:
         with open(json_path, "w") as f:
             f.write(text)
+
+
+def write_report(out_dir, stem, result, md):
+    """Print ``result`` as JSON and the markdown ``md``; write both, atomically, as
+    ``out_dir/stem.json`` and ``out_dir/stem.md``."""
+    from opq_core.io import atomic_write
+
+    text = json.dumps(result, indent=1, default=float)
+    print(text)
+    print()
+    print(md)
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write(os.path.join(out_dir, f"{stem}.json"), lambda f: f.write(text), mode="w")
+    atomic_write(os.path.join(out_dir, f"{stem}.md"), lambda f: f.write(md), mode="w")

@@ -20,7 +20,6 @@ Writes ``benchmarks/results/bench_annc.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,11 +27,10 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine, markdown_table, timeit  # noqa: E402
+from _common import machine, markdown_table, timeit, write_report  # noqa: E402
 
 from opq_core.annc import annc_budget, project, prune_to_budget, quantize_projection  # noqa: E402
 from opq_core.synthetic import laplace_weights  # noqa: E402
-from opq_core.io import atomic_write  # noqa: E402
 
 
 def main(argv=None):
@@ -113,13 +111,7 @@ def main(argv=None):
           f"alternately with each projection for the ratios); JIT compile "
           f"{compile_s:.1f} s apart. Targets: prune <= 0.5x, quantization (8 bit-widths) "
           f"<= 10x.\n\n{table}\n")
-    text = json.dumps(res, indent=1, default=float)
-    print(text)
-    print()
-    print(md)
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write(os.path.join(args.out, "bench_annc.json"), lambda f: f.write(text), mode="w")
-    atomic_write(os.path.join(args.out, "bench_annc.md"), lambda f: f.write(md), mode="w")
+    write_report(args.out, "bench_annc", res, md)
     return res
 
 

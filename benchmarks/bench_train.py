@@ -22,7 +22,6 @@ shared machine do not inflate).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,10 +32,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine, markdown_table  # noqa: E402
+from _common import machine, markdown_table, write_report  # noqa: E402
 
 import opq_torch  # noqa: E402
-from opq_core.io import atomic_write  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -218,14 +216,8 @@ def main(argv=None):
           f"{len(plan.layers)} compressed layers, {plan.n} weights, paper_rate "
           f"{plan.paper_rate:.1f}x; {rounds} interleaved steps per variant; ratios of the best "
           f"step (robust to other processes' load), medians alongside.\n")
-    text = json.dumps(result, indent=1, default=float)
-    print(text)
-    print()
-    print(md)
-    os.makedirs(args.out, exist_ok=True)
-    stem = "bench_train" if args.clock == "wall" else "bench_train.thread"
-    atomic_write(os.path.join(args.out, f"{stem}.json"), lambda f: f.write(text), mode="w")
-    atomic_write(os.path.join(args.out, f"{stem}.md"), lambda f: f.write(md), mode="w")
+    write_report(args.out, "bench_train" if args.clock == "wall" else "bench_train.thread",
+                 result, md)
     return result
 
 

@@ -265,13 +265,24 @@ def _ms(vals):
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
+def _groups(rows, kind):
+    """Rows grouped by (model, ``kind``, rate_target), in first-seen order."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["model"], r[kind], r["rate_target"]), []).append(r)
+    return groups.items()
+
+
+def _mean_std(s, rows, keys):
+    """``s[key]``, ``s[key + "_std"]``: mean and std of ``row[key]`` over ``rows``."""
+    for key in keys:
+        s[key], s[key + "_std"] = _ms([r.get(key) for r in rows])
+
+
 def summarize(cells) -> list:
     """One row per (model, method, rate): mean and std over seeds of every figure."""
-    groups = {}
-    for c in cells:
-        groups.setdefault((c["model"], c["method"], c["rate_target"]), []).append(c)
     out = []
-    for (model, method, rate), rows in groups.items():
+    for (model, method, rate), rows in _groups(cells, "method"):
         ok = [r for r in rows if "error" not in r]
         s = {"model": model, "method": method, "rate_target": rate, "seeds": len(ok),
              "failed": len(rows) - len(ok)}
@@ -279,11 +290,8 @@ def summarize(cells) -> list:
             s["error"] = rows[0].get("error")
             out.append(s)
             continue
-        for key in ("acc_post", "acc_ft", "paper_rate", "storage_rate", "alloc_s", "ft_s",
-                    "dense_acc"):
-            m, sd = _ms([r.get(key) for r in ok])
-            s[key] = m
-            s[key + "_std"] = sd
+        _mean_std(s, ok, ("acc_post", "acc_ft", "paper_rate", "storage_rate", "alloc_s", "ft_s",
+                          "dense_acc"))
         notes = sorted({r.get("ft_note", "") for r in ok} - {""})
         if notes:
             s["ft_note"] = "; ".join(notes)
@@ -292,15 +300,11 @@ def summarize(cells) -> list:
 
 
 def summarize_ablations(rows) -> list:
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["model"], r["variant"], r["rate_target"]), []).append(r)
     out = []
-    for (model, variant, rate), rs in groups.items():
+    for (model, variant, rate), rs in _groups(rows, "variant"):
         s = {"model": model, "variant": variant, "rate_target": rate, "seeds": len(rs)}
-        for key in ("acc_post", "acc_ft", "weight_error", "paper_rate", "alloc_s",
-                    "storage_rate"):
-            s[key], s[key + "_std"] = _ms([r.get(key) for r in rs])
+        _mean_std(s, rs, ("acc_post", "acc_ft", "weight_error", "paper_rate", "alloc_s",
+                          "storage_rate"))
         out.append(s)
     return out
 

@@ -64,6 +64,44 @@ holding the checkpoint's weights), 'train_loader' and optionally 'eval_loader'
 """
 
 
+#: Per subcommand: its one-line help and its description (re-flowed to one paragraph).
+_COMMANDS = {
+    "plan": ("compute and print a compression plan", """\
+    Plan per-layer sparsity, bits and quantizer steps of every conv/linear weight of
+    CHECKPOINT (.pt/.pth, .safetensors, .npz, .onnx, or
+    example:resnet50|alexnet|mobilenet_v1)."""),
+    "compress": ("prune + quantize a checkpoint into a .opq file", """\
+    Post-training, data-free: plan CHECKPOINT (as 'opq plan') and write the compressed
+    weights, with every other tensor (biases, norms) as it was, to OUT.opq. Tensors are
+    read one at a time. With --method annc: train under a size budget (ADMM, then
+    fine-tuning with fixed masks and codebooks) on the data that --train MODULE:FUNCTION
+    provides."""),
+    "inspect": ("sizes and rates of a .opq file", """\
+    Check a .opq file (format version, checksum) and print per layer: shape, bits,
+    sparsity, mask coding, bytes, paper_rate and storage_rate."""),
+    "decompress": ("write the dense weights of a .opq file", """\
+    Decode FILE.opq to dense weights (bit for bit the plan's fake-quant weights) plus
+    the other tensors, as .npz, .safetensors, .pt or .onnx (by the extension of -o)."""),
+    "export": ("an ONNX model whose compressed weights stay compressed", """\
+    Replace the compressed layers' float initializers of the dense ONNX model --template
+    (initializers named as the .opq layers) by their codes, bitmask and a decode
+    subgraph; other tensors are taken from FILE.opq."""),
+    "demo": ("train, compress and reload a small CNN (about 10 s)", """\
+    Train a small CNN on scikit-learn's digits (fixed seed, held-out test split),
+    compress it (OPQ plan, or ANNC training under a size budget), fine-tune, write
+    demo.opq, reload it into a fresh model and compare accuracies and rates. Needs
+    PyTorch and scikit-learn."""),
+}
+
+
+def _command(sub, name, func, **kw):
+    """Add the subcommand ``name`` (help and description from ``_COMMANDS``) run by ``func``."""
+    help_, description = _COMMANDS[name]
+    p = sub.add_parser(name, help=help_, description=" ".join(description.split()), **kw)
+    p.set_defaults(func=func)
+    return p
+
+
 def _add_plot_arg(p):
     p.add_argument("--plot", metavar="FILE.png", help="per-layer chart, .png, .pdf or .svg by "
                                                       "the extension (needs matplotlib)")
@@ -78,10 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    p = sub.add_parser("plan", help="compute and print a compression plan",
-                       description="Plan per-layer sparsity, bits and quantizer steps of every "
-                                   "conv/linear weight of CHECKPOINT (.pt/.pth, .safetensors, "
-                                   ".npz, .onnx, or example:resnet50|alexnet|mobilenet_v1).")
+    p = _command(sub, "plan", cmd_plan)
     p.add_argument("checkpoint", metavar="CHECKPOINT")
     _add_plan_args(p)
     p.add_argument("--layout", default="entropy", choices=["entropy", "packed"],
@@ -89,17 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("-o", "--output", help="also write the plan as JSON to this file")
     _add_plot_arg(p)
-    p.set_defaults(func=cmd_plan)
 
-    c = sub.add_parser("compress", help="prune + quantize a checkpoint into a .opq file",
-                       description="Post-training, data-free: plan CHECKPOINT (as 'opq plan') "
-                                   "and write the compressed weights, with every other tensor "
-                                   "(biases, norms) as it was, to OUT.opq. Tensors are read one "
-                                   "at a time. With --method annc: train under a size budget "
-                                   "(ADMM, then fine-tuning with fixed masks and codebooks) on "
-                                   "the data that --train MODULE:FUNCTION provides.",
-                       epilog=_COMPRESS_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c = _command(sub, "compress", cmd_compress, epilog=_COMPRESS_EPILOG,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("checkpoint", metavar="CHECKPOINT")
     c.add_argument("-o", "--output", required=True, metavar="OUT.opq", help="file to write")
     _add_plan_args(c)
@@ -123,23 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "fastest for small models on a busy machine)")
     c.add_argument("--json", action="store_true", help="print the file's accounting as JSON")
     _add_plot_arg(c)
-    c.set_defaults(func=cmd_compress)
 
-    i = sub.add_parser("inspect", help="sizes and rates of a .opq file",
-                       description="Check a .opq file (format version, checksum) and print per "
-                                   "layer: shape, bits, sparsity, mask coding, bytes, "
-                                   "paper_rate and storage_rate.")
+    i = _command(sub, "inspect", cmd_inspect)
     i.add_argument("file", metavar="FILE.opq")
     i.add_argument("--json", action="store_true", help="print as JSON (with the plan)")
     i.add_argument("--verify", action="store_true", help="also decode every layer")
     _add_plot_arg(i)
     i.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    i.set_defaults(func=cmd_inspect)
 
-    d = sub.add_parser("decompress", help="write the dense weights of a .opq file",
-                       description="Decode FILE.opq to dense weights (bit for bit the plan's "
-                                   "fake-quant weights) plus the other tensors, as .npz, "
-                                   ".safetensors, .pt or .onnx (by the extension of -o).")
+    d = _command(sub, "decompress", cmd_decompress)
     d.add_argument("file", metavar="FILE.opq")
     d.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="OUT.npz, OUT.safetensors, OUT.pt or OUT.onnx")
@@ -150,13 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUT-00001-of-0000N.safetensors plus OUT.safetensors.index.json")
     d.add_argument("--json", action="store_true", help="print a JSON summary")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    d.set_defaults(func=cmd_decompress)
 
-    e = sub.add_parser("export", help="an ONNX model whose compressed weights stay compressed",
-                       description="Replace the compressed layers' float initializers of the "
-                                   "dense ONNX model --template (initializers named as the "
-                                   ".opq layers) by their codes, bitmask and a decode "
-                                   "subgraph; other tensors are taken from FILE.opq.")
+    e = _command(sub, "export", cmd_export)
     e.add_argument("file", metavar="FILE.opq")
     e.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
     e.add_argument("--template", required=True, metavar="DENSE.onnx",
@@ -166,14 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small: each layer's smallest form; qdq: symmetric layers as int "
                         "initializers + DequantizeLinear")
     e.add_argument("--json", action="store_true", help="print a JSON summary")
-    e.set_defaults(func=cmd_export)
 
-    m = sub.add_parser("demo", help="train, compress and reload a small CNN (about 10 s)",
-                       description="Train a small CNN on scikit-learn's digits (fixed seed, "
-                                   "held-out test split), compress it (OPQ plan, or ANNC "
-                                   "training under a size budget), fine-tune, write demo.opq, "
-                                   "reload it into a fresh model and compare accuracies and "
-                                   "rates. Needs PyTorch and scikit-learn.")
+    m = _command(sub, "demo", cmd_demo)
     m.add_argument("--json", action="store_true",
                    help="print one JSON object (dense_accuracy, compressed_accuracy, "
                         "paper_rate, storage_rate, seconds, ...)")
@@ -197,7 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-o", "--output", default="demo.opq", help="default ./demo.opq")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--quick", action="store_true", help="a shorter run (for tests)")
-    m.set_defaults(func=cmd_demo)
     return ap
 
 

@@ -6,6 +6,7 @@ the value.
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import numpy as np
 
@@ -131,3 +132,74 @@ def _check_buf(fn, name, buf):
         raise TypeError(f"{fn}: {name} must be a 1-D uint8 array, got dtype {a.dtype} "
                         f"and shape {a.shape}")
     return np.ascontiguousarray(a)
+
+
+def _where(name):
+    return f" (layer {name!r})" if name is not None else ""
+
+
+def _check_layer_weight(fn, w, name):
+    """A float32/float64 weight array, ndim >= 1; messages name the layer after the argument."""
+    try:
+        x = np.asarray(w)
+    except Exception as exc:  # pragma: no cover - exotic objects
+        raise TypeError(f"{fn}: w{_where(name)} cannot be read as an array ({exc})") from None
+    if x.dtype.type not in (np.float32, np.float64):
+        raise TypeError(f"{fn}: w{_where(name)} must be float32 or float64, got dtype {x.dtype}")
+    if x.ndim < 1:
+        raise ValueError(f"{fn}: w{_where(name)} must have ndim >= 1 (channels first), got a "
+                         f"0-d array")
+    return np.ascontiguousarray(x)
+
+
+def _check_layer_mask(fn, mask, shape, name):
+    """A bool mask of exactly ``shape``; messages name the layer after the argument."""
+    m = np.asarray(mask)
+    if m.dtype != np.bool_:
+        raise TypeError(f"{fn}: mask{_where(name)} must be a bool array, got dtype {m.dtype}")
+    if m.shape != tuple(shape):
+        raise ValueError(f"{fn}: mask{_where(name)} shape {m.shape} does not match the "
+                         f"weights' {tuple(shape)}")
+    return np.ascontiguousarray(m)
+
+
+def _check_model_bits(bits) -> None:
+    """bits of the closed-form error model, 1..8 (the message names no function)."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
+
+
+def _check_budget(budget_bits):
+    """A finite size budget in bits >= 0, floored to an int."""
+    if isinstance(budget_bits, (bool, np.bool_)) or not isinstance(
+            budget_bits, (int, float, np.integer, np.floating)):
+        raise TypeError(f"budget_bits must be a number, got {budget_bits!r}")
+    b = float(budget_bits)
+    if not (math.isfinite(b) and b >= 0):
+        raise ValueError(f"budget_bits must be a finite number >= 0, got {budget_bits!r}")
+    return int(math.floor(b))
+
+
+def _check_masks(masks, names, shapes):
+    """One bool mask per named layer of the given shapes, as flat contiguous arrays."""
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a mapping name -> bool array, got {type(masks).__name__}")
+    out = []
+    for n, s in zip(names, shapes):
+        if n not in masks:
+            raise ValueError(f"masks: no mask for layer {n!r}")
+        m = np.asarray(masks[n])
+        if m.dtype != np.bool_:
+            raise TypeError(f"masks[{n!r}] must be a bool array, got dtype {m.dtype}")
+        if m.shape != s:
+            raise ValueError(f"masks[{n!r}]: shape {m.shape} does not match the weights' {s}")
+        out.append(np.ascontiguousarray(m).reshape(-1))
+    return out
+
+
+def _check_positive(fn, name, v, allow_zero=False):
+    """A finite Python number > 0 (>= 0 with ``allow_zero``)."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or (v < 0 if allow_zero else v <= 0):
+        need = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{fn}: {name} must be a finite number {need}, got {v!r}")

@@ -9,6 +9,7 @@ import numpy as np
 from ._container import (OpqFormatError, _MODEL_MAX, _PARTS)
 
 from ._plan import compute_dtype
+from .kernels.index import _put_varint, _varint_len
 
 
 
@@ -176,18 +177,19 @@ def _quantized_table(symbols: np.ndarray, nsym: int) -> np.ndarray:
     return np.where(counts > 0, np.maximum(q, 1), 0)
 
 
+# The one LEB128 writer is the gap code's (kernels/index.py); a few hundred table entries
+# run its Python body, which costs less than a Numba call per entry.
+_PUT_VARINT = getattr(_put_varint, "py_func", _put_varint)
+_VARINT_LEN = getattr(_varint_len, "py_func", _varint_len)
+
+
 def _varints(values) -> bytes:
-    out = bytearray()
-    for v in values:
-        v = int(v)
-        while True:
-            b = v & 0x7F
-            v >>= 7
-            if v:
-                out.append(b | 0x80)
-            else:
-                out.append(b)
-                break
+    """LEB128 varints (7 bits per byte, high bit = more bytes follow) of non-negative ints."""
+    vals = [int(v) for v in values]
+    out = bytearray(sum(_VARINT_LEN(v) for v in vals))
+    at = 0
+    for v in vals:
+        at = _PUT_VARINT(out, at, v)
     return bytes(out)
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._results import layer_table, shape_text, total
 
 
 
@@ -131,13 +132,8 @@ class CompressedFile:
     metadata: dict = field(default_factory=dict)
     other_names: tuple = ()
 
-    @property
-    def n(self) -> int:
-        return sum(r.n for r in self.layers)
-
-    @property
-    def kept(self) -> int:
-        return sum(r.kept for r in self.layers)
+    n = total("n")
+    kept = total("kept")
 
     @property
     def compressed_bytes(self) -> int:
@@ -175,27 +171,22 @@ class CompressedFile:
 
     def table(self, *, max_rows: int | None = None) -> str:
         """Per-layer table with totals (plain text); layer names are never cut."""
-        nw = max([28] + [len(r.name) for r in self.layers])
-        head = (f"{'layer':<{nw}} {'shape':<16} {'bits':>4} {'grid':>9} {'sparsity':>8} {'kept':>9} "
-                f"{'mask':>7} {'bytes':>10} {'paper':>8} {'storage':>8}")
-        rows = [head, "-" * len(head)]
-        layers = self.layers if max_rows is None else self.layers[:max_rows]
-        for r in layers:
-            shape = "x".join(str(s) for s in r.shape)
-            rows.append(f"{r.name:<{nw}} {_clip(shape, 16):<16} {r.bits:>4d} {r.grid:>9} "
-                        f"{r.sparsity:>8.4f} {r.kept:>9d} {r.mask_coding:>7} {r.nbytes:>10d} "
-                        f"{_rate(r.paper_rate):>8} {_rate(r.storage_rate):>8}")
-        if max_rows is not None and len(self.layers) > max_rows:
-            rows.append(f"... {len(self.layers) - max_rows} more layers")
-        rows.append("-" * len(head))
         sp = 1.0 - self.kept / self.n if self.n else 0.0
-        rows.append(f"{'total':<{nw}} {len(self.layers):>3d} layers{'':<6} {'':>4} {'':>9} {sp:>8.4f} "
-                    f"{self.kept:>9d} {'':>7} {self.compressed_bytes:>10d} "
-                    f"{_rate(self.paper_rate):>8} {_rate(self.storage_rate):>8}")
-        rows.append(f"layout={self.layout} version={self.version} file={self.file_bytes} bytes "
-                    f"(other tensors {self.other_bytes} bytes) paper_rate="
-                    f"{_rate(self.paper_rate)} storage_rate={_rate(self.storage_rate)}")
-        return "\n".join(rows)
+        return layer_table(
+            self.layers,
+            lambda nw: (f"{'layer':<{nw}} {'shape':<16} {'bits':>4} {'grid':>9} {'sparsity':>8} {'kept':>9} "
+                        f"{'mask':>7} {'bytes':>10} {'paper':>8} {'storage':>8}"),
+            lambda r, nw: (f"{r.name:<{nw}} {shape_text(r.shape, 16):<16} {r.bits:>4d} {r.grid:>9} "
+                           f"{r.sparsity:>8.4f} {r.kept:>9d} {r.mask_coding:>7} "
+                           f"{r.nbytes:>10d} {_rate(r.paper_rate):>8} "
+                           f"{_rate(r.storage_rate):>8}"),
+            lambda nw: (f"{'total':<{nw}} {len(self.layers):>3d} layers{'':<6} {'':>4} {'':>9} "
+                        f"{sp:>8.4f} {self.kept:>9d} {'':>7} {self.compressed_bytes:>10d} "
+                        f"{_rate(self.paper_rate):>8} {_rate(self.storage_rate):>8}"),
+            [f"layout={self.layout} version={self.version} file={self.file_bytes} bytes "
+             f"(other tensors {self.other_bytes} bytes) paper_rate="
+             f"{_rate(self.paper_rate)} storage_rate={_rate(self.storage_rate)}"],
+            max_rows)
 
     def __repr__(self):
         return f"CompressedFile({self.path!r},\n{self.table(max_rows=40)}\n)"
@@ -207,10 +198,6 @@ def _rate(v: float) -> str:
 
 def _finite(v: float):
     return v if math.isfinite(v) else None
-
-
-def _clip(s: str, n: int) -> str:
-    return s if len(s) <= n else "…" + s[-(n - 1):]
 
 
 # ---------------------------------------------------------------------------------------

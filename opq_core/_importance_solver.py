@@ -90,25 +90,12 @@ def _weighted_step(x, wt, bits, grid, max_samples=1_000_000):
     if x.size > max_samples:
         idx = np.linspace(0, x.size - 1, max_samples).astype(np.int64)
         x, wt = x[idx], wt[idx]
-    K = em.levels(bits)
 
     def fun(D):
-        if grid == "offset":
-            k = np.clip(np.floor(x / D) + 1.0, 1.0, K)
-            e = x - (k - 0.5) * D
-        else:
-            k = np.clip(np.rint(x / D), 1.0, K)
-            e = x - k * D
+        e = em._residual(x, bits, D, grid)
         return float(np.mean(wt * e * e))
 
-    d0 = em.optimal_step(bits, grid) * max(float(np.mean(x)), 1e-12)
-    best = (d0, fun(d0))
-    for lo, hi, n in ((d0 / 8.0, d0 * 8.0, 80), (d0 / 1.25, d0 * 1.25, 40)):
-        cand = em._minimize_1d(fun, lo, hi, n=n)
-        if cand[1] < best[1]:
-            best = cand
-        d0 = best[0]
-    return best
+    return em._refine_step(fun, x, bits, grid)
 
 
 def _sorted_gains(ctx, i, score_q):

@@ -16,6 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
+from ._results import layer_table, shape_text, total
 from .kernels import fake_quant, mask_from_scores, scores
 from .kernels.codebook import fake_quant_codebook
 from .stats import check_weight
@@ -90,6 +91,13 @@ class LayerPlan:
         offset-grid thresholds ``sqrt(max(0, offset_lam + score_q s_c^2))`` (the smallest
         unweighted score of its kept weights). A weighted layer read from a file carries
         ``offset_lam`` but not the importance: its mask is the stored one.
+    channel_axis : the axis of the stored tensor that holds its output channels (0 unless
+        the PyTorch adapter knew better: Hugging Face ``Conv1D`` and ``ConvTranspose*``
+        store ``[in, out, ...]``, axis 1). The plan (``shape``, ``channel_scale``, masks,
+        codes, decoded weights) is of ``np.moveaxis(stored, channel_axis, 0)``;
+        :meth:`to_stored` turns an array of the plan's layout back, exactly. The command
+        line plans every tensor as stored (axis 0), since a checkpoint file does not say
+        which module owns a tensor.
     """
 
     name: str
@@ -112,6 +120,20 @@ class LayerPlan:
     importance_in: np.ndarray | None = None
     offset_lam: float | None = None
     rule_mask: bool = False
+    channel_axis: int = 0
+
+    @property
+    def stored_shape(self) -> tuple:
+        """The shape of the tensor as stored (``shape`` with ``channel_axis`` moved back)."""
+        return tuple(self.to_stored(np.empty(self.shape, np.bool_)).shape)
+
+    def to_stored(self, a):
+        """An array of the plan's layout (channels first) in the stored tensor's layout."""
+        return np.moveaxis(a, 0, self.channel_axis) if self.channel_axis else a
+
+    def from_stored(self, a):
+        """An array of the stored tensor's layout in the plan's (channels first)."""
+        return np.moveaxis(a, self.channel_axis, 0) if self.channel_axis else a
 
     @property
     def n(self) -> int:
@@ -184,6 +206,8 @@ class LayerPlan:
             d["offset_lam"] = float(self.offset_lam)
         if self.rule_mask:
             d["rule_mask"] = True
+        if self.channel_axis:
+            d["channel_axis"] = int(self.channel_axis)
         return d
 
     @classmethod
@@ -201,6 +225,10 @@ class LayerPlan:
         d["rule_mask"] = bool(d.get("rule_mask", False))
         d["bits"] = int(d["bits"])
         d["kept"] = int(d["kept"])
+        d["channel_axis"] = int(d.get("channel_axis", 0))
+        if not 0 <= d["channel_axis"] < max(len(d["shape"]), 1):
+            raise ValueError(f"layer {d.get('name')!r}: channel_axis {d['channel_axis']} is "
+                             f"not an axis of shape {d['shape']}")
         for k in ("step", "lam", "score_q", "quant_error", "predicted_sparsity",
                   "pruning_error", "predicted_error"):
             d[k] = float(d[k])
@@ -261,36 +289,23 @@ class Plan:
     predicted_bytes: int | None = None
 
     # ---- totals -----------------------------------------------------------------
-    @property
-    def n(self) -> int:
-        return sum(layer.n for layer in self.layers)
-
-    @property
-    def kept(self) -> int:
-        return sum(layer.kept for layer in self.layers)
+    n = total("n")
+    kept = total("kept")
 
     @property
     def sparsity(self) -> float:
         n = self.n
         return 1.0 - self.kept / n if n else 0.0
 
-    @property
-    def size_bits(self) -> int:
-        """``sum_i bits_i * nnz_i`` over the compressed layers."""
-        return sum(layer.size_bits for layer in self.layers)
+    size_bits = total("size_bits", doc="``sum_i bits_i * nnz_i`` over the compressed layers.")
 
     @property
     def paper_rate(self) -> float:
         """``32 N / sum_i bits_i nnz_i`` (no index, no codebook): the papers' figure."""
         return paper_rate(self.n, self.size_bits)
 
-    @property
-    def predicted_error(self) -> float:
-        return float(sum(layer.predicted_error for layer in self.layers))
-
-    @property
-    def pruning_error(self) -> float:
-        return float(sum(layer.pruning_error for layer in self.layers))
+    predicted_error = total("predicted_error", float)
+    pruning_error = total("pruning_error", float)
 
     @property
     def seconds(self) -> float:
@@ -408,34 +423,24 @@ class Plan:
     # ---- display -------------------------------------------------------------------
     def table(self, *, max_rows: int | None = None) -> str:
         """The per-layer table with totals (plain text); layer names are never cut."""
-        nw = max([28] + [len(lp.name) for lp in self.layers])
-        head = (f"{'layer':<{nw}} {'shape':<18} {'n':>10} {'scale':>9} {'sparsity':>8} "
-                f"{'pred.sp':>7} {'kept':>10} {'bits':>4} {'step':>8} {'pred.err':>10}")
-        rows = [head, "-" * len(head)]
-        layers = self.layers if max_rows is None else self.layers[:max_rows]
-        for lp in layers:
-            shape = "x".join(str(s) for s in lp.shape)
-            rows.append(
-                f"{lp.name:<{nw}} {_clip(shape, 18):<18} {lp.n:>10d} {lp.scale:>9.3g} "
+        return layer_table(
+            self.layers,
+            lambda nw: (f"{'layer':<{nw}} {'shape':<18} {'n':>10} {'scale':>9} {'sparsity':>8} "
+                        f"{'pred.sp':>7} {'kept':>10} {'bits':>4} {'step':>8} {'pred.err':>10}"),
+            lambda lp, nw: (
+                f"{lp.name:<{nw}} {shape_text(lp.shape, 18):<18} {lp.n:>10d} {lp.scale:>9.3g} "
                 f"{lp.sparsity:>8.4f} {lp.predicted_sparsity:>7.4f} {lp.kept:>10d} "
-                f"{lp.bits:>4d} {_step_cell(lp):>8} {lp.predicted_error:>10.4g}")
-        if max_rows is not None and len(self.layers) > max_rows:
-            rows.append(f"... {len(self.layers) - max_rows} more layers")
-        rows.append("-" * len(head))
-        rows.append(
-            f"{'total':<{nw}} {len(self.layers):>3d} layers{'':<8} {self.n:>10d} {'':>9} "
-            f"{self.sparsity:>8.4f} {'':>7} {self.kept:>10d} {'':>4} {'':>8} "
-            f"{self.predicted_error:>10.4g}")
-        rows.append(
-            f"method={self.method} channelwise={self.channelwise} grid={self.grid} "
-            f"error_model={self.error_model} paper_rate={self.paper_rate:.2f}x "
-            f"size={self.size_bits / 8 / 1024:.1f} KiB stats={self.stats_seconds * 1e3:.1f} ms "
-            f"solve={self.solve_seconds * 1e3:.1f} ms select={self.select_seconds * 1e3:.1f} ms")
-        if self.budget_bytes is not None:
-            rows.append(f"file: {self.predicted_bytes} bytes predicted (exact, as written) of a "
-                        f"budget of {self.budget_bytes} bytes")
-        rows.append(f"success={self.success} status={self.status}: {self.message}")
-        return "\n".join(rows)
+                f"{lp.bits:>4d} {_step_cell(lp):>8} {lp.predicted_error:>10.4g}"),
+            lambda nw: (
+                f"{'total':<{nw}} {len(self.layers):>3d} layers{'':<8} {self.n:>10d} {'':>9} "
+                f"{self.sparsity:>8.4f} {'':>7} {self.kept:>10d} {'':>4} {'':>8} "
+                f"{self.predicted_error:>10.4g}"),
+            [f"method={self.method} channelwise={self.channelwise} grid={self.grid} "
+             f"error_model={self.error_model} paper_rate={self.paper_rate:.2f}x "
+             f"size={self.size_bits / 8 / 1024:.1f} KiB stats={self.stats_seconds * 1e3:.1f} ms "
+             f"solve={self.solve_seconds * 1e3:.1f} ms select={self.select_seconds * 1e3:.1f} ms",
+             f"success={self.success} status={self.status}: {self.message}"],
+            max_rows)
 
     def __repr__(self):
         return f"Plan(\n{self.table(max_rows=40)}\n)"
@@ -446,10 +451,6 @@ def _step_cell(lp) -> str:
     if lp.grid == "codebook":
         return f"cb:{0 if lp.codebook is None else len(lp.codebook)}"
     return f"{lp.step:.4f}"
-
-
-def _clip(s: str, n: int) -> str:
-    return s if len(s) <= n else "…" + s[-(n - 1):]
 
 
 # ---------------------------------------------------------------------------

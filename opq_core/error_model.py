@@ -44,6 +44,7 @@ __all__ = [
 
 BITS_RANGE = range(1, 9)
 from ._check import GRIDS  # noqa: E402,F401 (one definition)
+from ._check import _check_model_bits as _check_bits  # noqa: E402
 
 
 def levels(bits: int) -> int:
@@ -166,12 +167,7 @@ def optimal_step(bits: int, grid: str = "offset", t: float = 0.0) -> float:
     >>> 1.5 < optimal_step(2) < 1.6
     True
     """
-    _check_bits(bits)
-    if grid == "offset":
-        return _offset_opt(int(bits))[0]
-    if grid == "symmetric":
-        return _symmetric_opt(int(bits), round(float(t), 4))[0]
-    raise ValueError(f"grid must be 'offset' or 'symmetric', got {grid!r}")
+    return _laplace_opt(bits, grid, t)[0]
 
 
 def quantization_constant(bits: int, grid: str = "offset", t: float = 0.0) -> float:
@@ -180,17 +176,17 @@ def quantization_constant(bits: int, grid: str = "offset", t: float = 0.0) -> fl
     >>> 0.39 < quantization_constant(2) < 0.40
     True
     """
+    return _laplace_opt(bits, grid, t)[1]
+
+
+def _laplace_opt(bits, grid, t):
+    """``(D*, c_B)`` of the Laplace model: the optimal step and its error."""
     _check_bits(bits)
     if grid == "offset":
-        return _offset_opt(int(bits))[1]
+        return _offset_opt(int(bits))
     if grid == "symmetric":
-        return _symmetric_opt(int(bits), round(float(t), 4))[1]
+        return _symmetric_opt(int(bits), round(float(t), 4))
     raise ValueError(f"grid must be 'offset' or 'symmetric', got {grid!r}")
-
-
-def _check_bits(bits) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -206,15 +202,19 @@ def empirical_quant_error(excess, bits: int, step: float, grid: str = "offset") 
     x = np.asarray(excess, dtype=np.float64).ravel()
     if x.size == 0:
         return 0.0
+    err = _residual(x, bits, step, grid)
+    return float(np.mean(err * err))
+
+
+def _residual(x, bits, D, grid):
+    """``x`` minus its reconstruction on the grid of step ``D`` (normalized units)."""
     K = levels(bits)
-    D = float(step)
+    D = float(D)
     if grid == "offset":
         k = np.clip(np.floor(x / D) + 1.0, 1.0, K)
-        err = x - (k - 0.5) * D
-    else:
-        k = np.clip(np.rint(x / D), 1.0, K)
-        err = x - k * D
-    return float(np.mean(err * err))
+        return x - (k - 0.5) * D
+    k = np.clip(np.rint(x / D), 1.0, K)
+    return x - k * D
 
 
 def empirical_optimal_step(excess, bits: int, grid: str = "offset",
@@ -229,7 +229,12 @@ def empirical_optimal_step(excess, bits: int, grid: str = "offset",
     if x.size > max_samples:
         x = np.sort(x)[np.linspace(0, x.size - 1, max_samples).astype(np.int64)]
     fun = lambda d: empirical_quant_error(x, bits, d, grid)  # noqa: E731
-    # search around the Laplace optimum (at the sample's own scale), keep the best found
+    return _refine_step(fun, x, bits, grid)
+
+
+def _refine_step(fun, x, bits, grid):
+    """Minimize ``fun(D)`` around the Laplace optimum at the sample ``x``'s own scale;
+    returns the best ``(D, fun(D))`` found (the Laplace start included)."""
     d0 = optimal_step(bits, grid) * max(float(np.mean(x)), 1e-12)
     best = (d0, fun(d0))
     for lo, hi, n in ((d0 / 8.0, d0 * 8.0, 80), (d0 / 1.25, d0 * 1.25, 40)):

@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._results import total
+
 __all__ = ["compress_onnx", "write_onnx", "OnnxExport", "ExportedLayer", "OPSET",
            "layer_encoding", "layer_payload_bytes", "exports_of"]
 
@@ -93,13 +95,8 @@ class OnnxExport:
     updated: int
     opset: int
 
-    @property
-    def onnx_bytes(self) -> int:
-        return sum(e.onnx_bytes for e in self.layers)
-
-    @property
-    def dense_bytes(self) -> int:
-        return sum(e.dense_bytes for e in self.layers)
+    onnx_bytes = total("onnx_bytes")
+    dense_bytes = total("dense_bytes")
 
     def table(self) -> str:
         rows = [f"{'layer':32s} {'bits':>4s} {'grid':>9s} {'sparsity':>8s} {'encoding':>22s} "

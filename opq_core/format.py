@@ -232,8 +232,9 @@ def write_opq(path, plan, weights: Mapping | None = None, *, codes: Mapping | No
         existing file is replaced only when the new one is complete.
     plan : opq_core.Plan
     weights : mapping name -> array, optional
-        Latent weights of the plan's layers (quantized here with the plan; a lazy mapping
-        is read one tensor at a time). Give ``weights`` or ``codes``.
+        Latent weights of the plan's layers, in the plan's layout (``LayerPlan.shape``;
+        quantized here with the plan; a lazy mapping is read one tensor at a time). Give
+        ``weights`` or ``codes``.
     codes : mapping name -> integer array, optional
         Ready codes (:func:`compress_weights`), with ``masks`` or derived as ``codes != 0``.
     masks : mapping name -> bool array, optional
@@ -351,6 +352,10 @@ def read_opq(path, *, decode: bool = True, progress: bool = False) -> Compressed
         and the accounting (what ``opq inspect`` shows).
     progress : bool
         Show a tqdm progress bar.
+
+    The weights and masks are in the plan's layout (``LayerPlan.shape``, output channels
+    first); ``LayerPlan.to_stored`` gives the stored tensor's for a layer planned along
+    another ``channel_axis`` (:class:`OpqStream` returns that layout).
 
     Raises
     ------
@@ -480,12 +485,13 @@ class OpqStream:
         """``(shape, NumPy dtype)`` of a tensor as :meth:`tensor` returns it."""
         if name in self._infos:
             lp = self.plan[name]
-            return tuple(lp.shape), np.dtype(lp.dtype)
+            return lp.stored_shape, np.dtype(lp.dtype)
         e = self._header[name]
         return tuple(e["shape"]), np.dtype(_NP_DTYPES[e["dtype"]])
 
     def tensor(self, name) -> np.ndarray:
-        """A compressed layer's dense weights, or another tensor as it was written."""
+        """A compressed layer's dense weights (in the stored tensor's layout, see
+        ``LayerPlan.channel_axis``), or another tensor as it was written."""
         if name in self._infos:
             lp = self.plan[name]
             blob = _entry_bytes(self._path, self._fb, self._header, self._start,
@@ -495,7 +501,7 @@ class OpqStream:
             except (OpqFormatError, ValueError) as exc:
                 text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise _bad(self._path, text, layer=name) from None
-            return decode_layer(lp, codes)
+            return np.ascontiguousarray(lp.to_stored(decode_layer(lp, codes)))
         if name not in self.file.other_names:
             raise KeyError(name)
         e = self._header[name]

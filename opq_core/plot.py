@@ -66,48 +66,45 @@ def _names(ax, names):
     ax.set_xticklabels(names, rotation=90, fontsize=7)
 
 
+def _layer_figure(path, rows):
+    """Three stacked panels over ``rows`` (layers, by name in natural order); the first is
+    labelled sparsity (0..1), the second shows the bits. Returns (plt, fig, axes, x, rows)."""
+    plot_format(path)
+    plt = _pyplot()
+    rows = _natural(rows, lambda r: r.name)
+    x = np.arange(len(rows))
+    fig, axes = _axes(plt, 3, len(rows))
+    axes[0].set_ylabel("sparsity")
+    axes[0].set_ylim(0, 1)
+    axes[1].bar(x, [r.bits for r in rows], color="tab:green")
+    axes[1].set_ylabel("bits")
+    return plt, fig, axes, x, rows
+
+
 def plot_plan(plan, path) -> None:
     """Bar charts per layer: sparsity (realized and Laplace-predicted), bits, predicted
     error, written to ``path`` (PNG, PDF or SVG by the extension)."""
-    plot_format(path)
-    plt = _pyplot()
-    layers = _natural(plan.layers, lambda lp: lp.name)
-    names = [lp.name for lp in layers]
-    x = np.arange(len(names))
-    fig, (a, b, c) = _axes(plt, 3, len(names))
+    plt, fig, (a, b, c), x, layers = _layer_figure(path, plan.layers)
     a.bar(x - 0.2, [lp.sparsity for lp in layers], 0.4, label="realized")
     a.bar(x + 0.2, [lp.predicted_sparsity for lp in layers], 0.4, label="predicted")
-    a.set_ylabel("sparsity")
-    a.set_ylim(0, 1)
     a.legend(fontsize=7)
     a.set_title(f"{plan.method}: sparsity {plan.sparsity:.3f}, "
                 f"paper_rate {plan.paper_rate:.1f}x")
-    b.bar(x, [lp.bits for lp in layers], color="tab:green")
-    b.set_ylabel("bits")
     err = [max(lp.predicted_error, 1e-30) for lp in layers]
     c.bar(x, err, color="tab:red")
     c.set_yscale("log")
     c.set_ylabel("predicted error")
-    _names(c, names)
+    _names(c, [r.name for r in layers])
     _save(fig, path, plt)
 
 
 def plot_file(cf, path) -> None:
     """Bar charts per layer of a written file: sparsity, bits, paper_rate and
     storage_rate, written to ``path`` (PNG, PDF or SVG by the extension)."""
-    plot_format(path)
-    plt = _pyplot()
-    recs = _natural(cf.layers, lambda r: r.name)
-    names = [r.name for r in recs]
-    x = np.arange(len(names))
-    fig, (a, b, c) = _axes(plt, 3, len(names))
+    plt, fig, (a, b, c), x, recs = _layer_figure(path, cf.layers)
     a.bar(x, [r.sparsity for r in recs])
-    a.set_ylabel("sparsity")
-    a.set_ylim(0, 1)
     a.set_title(f"{cf.layout} layout: paper_rate {cf.paper_rate:.1f}x, "
                 f"storage_rate {cf.storage_rate:.1f}x")
-    b.bar(x, [r.bits for r in recs], color="tab:green")
-    b.set_ylabel("bits")
 
     def fin(v):
         return v if math.isfinite(v) else np.nan
@@ -117,5 +114,5 @@ def plot_file(cf, path) -> None:
     c.set_yscale("log")
     c.set_ylabel("rate (x)")
     c.legend(fontsize=7)
-    _names(c, names)
+    _names(c, [r.name for r in recs])
     _save(fig, path, plt)

@@ -8,11 +8,16 @@ persistent buffer. Integer and bool tensors (position ids, masks) and 1-D tensor
 norms) are not. So a ``.opq`` file written by ``opq compress`` from a model's checkpoint
 selects exactly the tensors that :func:`opq_torch.compress` selects on the model.
 
-Channel axis: every tensor is planned as it is stored, with ``shape[0]`` as the axis of
-the per-channel scales (the output channel of ``Linear`` / ``Conv*``, the token of an
-``Embedding``, the *input* channel of ``ConvTranspose*`` and of Hugging Face ``Conv1D``,
-whose weights are stored ``(in, out)``), the same axis that a planner reading the
-checkpoint file uses.
+Channel axis: the per-channel scales go along the output channels. For most owners that is
+``shape[0]`` (``Linear``, ``Conv*``, the token of an ``Embedding``, bare Parameters);
+Hugging Face ``Conv1D`` stores its weight ``[in, out]`` and ``ConvTranspose*`` (groups 1)
+``[in, out, ...]``, so their :attr:`Slot.axis` is 1: with ``channel_axis="output"``
+:func:`opq_torch.compress` plans the view with that axis moved first, records it in the plan (``LayerPlan.channel_axis``,
+hence in the .opq file) and the parametrization moves it back, exactly. (A grouped
+``ConvTranspose*`` keeps axis 0: its output channels are not one axis.) The command line
+sees a checkpoint without its modules and plans every tensor as stored (axis 0);
+:func:`opq_torch.load` installs such a file as written, so it loads into the model all
+the same.
 
 Shared (tied) tensors: a tensor reachable under several ``state_dict`` names (an
 ``lm_head`` tied to the input embedding, a module used twice) is one layer, named by its
@@ -44,6 +49,7 @@ class Slot:
     aliases: tuple = ()        # ((module, path, attr), ...): other owners, same tensor
     alias_names: tuple = ()    # their state_dict names
     is_buffer: bool = False
+    axis: int = 0              # the output-channel axis of the stored tensor
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -76,6 +82,20 @@ def _tensors(model):
             if t is not None and attr not in mod._non_persistent_buffers_set:
                 out.append((pre + attr, mod, path, attr, t, True))
     return out
+
+
+def channel_axis(module, attr, t) -> int:
+    """The output-channel axis of ``module.<attr>``: 1 for the ``weight`` of Hugging Face
+    ``Conv1D`` (``[in, out]``) and of an ungrouped ``ConvTranspose*`` (``[in, out, ...]``),
+    else 0."""
+    if attr != "weight" or t.dim() < 2:
+        return 0
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return 1 if module.groups == 1 else 0
+    cls = type(module)
+    if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):
+        return 1
+    return 0
 
 
 def compressible(t) -> bool:
@@ -136,5 +156,6 @@ def discover(model: nn.Module, exclude=(), *, fn: str = "compress") -> Layers:
         slots[first[0]] = Slot(
             name=first[0], module=owners[0][1], path=owners[0][2], attr=owners[0][3],
             aliases=tuple((o[1], o[2], o[3]) for o in owners[1:]),
-            alias_names=tuple(ent[0] for ent in group[1:]), is_buffer=first[5])
+            alias_names=tuple(ent[0] for ent in group[1:]), is_buffer=first[5],
+            axis=channel_axis(owners[0][1], owners[0][3], first[4]))
     return Layers(slots=slots, excluded=tuple(skipped_excl), aliases=aliases, names=names)

@@ -51,6 +51,7 @@ from opq_core.annc import annc_budget, annc_plan, project
 from opq_core.allocate import Plan
 
 from ._layers import discover
+from ._numpy import to_numpy
 from .compress import compress, is_compressed
 from .finetune import History, finetune
 
@@ -77,10 +78,7 @@ def _layers(model, exclude):
 
 
 def _np(t):
-    t = t.detach()
-    if t.dtype in (torch.float16, torch.bfloat16):
-        t = t.float()
-    return t.cpu().numpy()
+    return to_numpy(t, half=True)
 
 
 class ANNC:

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._numpy import to_numpy
+
 __all__ = ["sensitivity", "calibration_stats", "compensate", "recalibrate", "LayerStats"]
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -318,8 +320,7 @@ def compensate(model, stats: dict, *, damp: float = 0.1) -> dict:
         if st is None or st.hessian is None:
             continue
         orig = mod.parametrizations[attr].original
-        w = orig.detach().cpu().numpy() if orig.dtype != torch.bfloat16 else \
-            orig.detach().float().cpu().numpy()
+        w = to_numpy(orig)
         r = compensate_layer(q.layer, w, st.hessian, q.mask.cpu().numpy(), damp=damp)
         if r.used:
             with torch.no_grad():

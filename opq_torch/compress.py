@@ -57,6 +57,7 @@ from opq_core.apply import layer_mask
 
 from . import calibrate as _cal
 from ._layers import discover
+from ._numpy import to_numpy as _numpy_weight
 from .parametrize import _STATE_VERSION, QuantizedWeight, _decode_state, _plan_meta  # noqa: F401
 
 __all__ = ["compress", "restore", "quantizers", "is_compressed", "plan_of", "masks_of", "compressed_weights",
@@ -110,13 +111,6 @@ def is_compressed(model) -> bool:
     return bool(_compressed_modules(model))
 
 
-def _numpy_weight(w):
-    t = w.detach()
-    if t.dtype == torch.bfloat16:
-        t = t.float()
-    return t.cpu().numpy()
-
-
 # ---- shared tensors: the other owners read the first owner's (compressed) tensor ----------
 
 def _tie(mod, attr, primary, pattr):
@@ -154,10 +148,17 @@ def _untie(mod):
 # --------------------------------------------------------------------------------------
 
 def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=None,
-             size_bytes=None, layout="entropy", method="opq", channelwise="unified", grid="offset", error_model="fitted",
+             size_bytes=None, layout="entropy", method="opq", channelwise="unified",
+             grid="offset", error_model="fitted",
              exclude=None, masks=None, sensitivity=None, calibration=None,
-             compensate=None, example=None) -> Plan:
+             compensate=None, example=None, channel_axis="stored") -> Plan:
     r"""Plan (or take a plan) and install it: prune + quantize every compressible tensor.
+
+    ``channel_axis="output"`` plans the channel scales of Hugging Face ``Conv1D`` and
+    ungrouped ``ConvTranspose*`` weights (stored ``[in, out, ...]``) along their output
+    channels (``LayerPlan.channel_axis = 1``, recorded in the plan and the .opq file);
+    the default ``"stored"`` plans every tensor along ``shape[0]``, as the command line
+    does (see :mod:`opq_torch._layers`).
 
     Compressible (:mod:`opq_torch._layers`): every floating ``state_dict`` tensor with
     ``ndim >= 2``, whatever module owns it (Linear, Conv*, ConvTranspose*, Embedding,
@@ -259,7 +260,7 @@ def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=
                                        channelwise=channelwise, grid=grid,
                                        error_model=error_model, exclude=exclude, masks=masks,
                                        sensitivity=sensitivity, calibration=calibration,
-                                       example=example, cal=cal)
+                                       example=example, cal=cal, channel_axis=channel_axis)
     _install(plan, layers, installed)
     # ---- calibration: compensation, then BatchNorm statistics ----
     if calibration is not None:
@@ -273,9 +274,10 @@ def compress(model, plan=None, *, sparsity=None, bits=4, rate=None, budget_bits=
 
 
 def _prepare(model, plan=None, *, fn, sparsity=None, bits=4, rate=None, budget_bits=None,
-             size_bytes=None, layout="entropy", method="opq", channelwise="unified", grid="offset", error_model="laplace",
+             size_bytes=None, layout="entropy", method="opq", channelwise="unified",
+             grid="offset", error_model="laplace",
              exclude=None, masks=None, sensitivity=None, calibration=None, example=None,
-             cal=None):
+             cal=None, channel_axis="stored"):
     """Every check of :func:`compress`, nothing changed: ``(plan, layers, masks)``
     (the calibration statistics of a planned model go into ``cal["stats"]``)."""
     _check_model(model, fn)
@@ -292,7 +294,14 @@ def _prepare(model, plan=None, *, fn, sparsity=None, bits=4, rate=None, budget_b
 
     # ---- the plan ----
     if plan is None:
-        weights = {n: _numpy_weight(sl.tensor) for n, sl in chosen.items()}
+        if channel_axis not in ("stored", "output"):
+            raise ValueError(f"{fn}: channel_axis must be 'stored' or 'output', got "
+                             f"{channel_axis!r}")
+        # "output": planned with the output channels first (Slot.axis), moved back when
+        # installed
+        axis = {n: sl.axis if channel_axis == "output" else 0 for n, sl in chosen.items()}
+        weights = {n: np.ascontiguousarray(np.moveaxis(_numpy_weight(sl.tensor), axis[n], 0))
+                   for n, sl in chosen.items()}
         if not weights:
             raise ValueError(f"{fn}: model has no compressible tensor (a floating tensor with "
                              f"ndim >= 2) left after exclude={excl}")
@@ -305,10 +314,13 @@ def _prepare(model, plan=None, *, fn, sparsity=None, bits=4, rate=None, budget_b
         importance = _cal.importance_for(model, weights, sensitivity, example, stats, method)
         if importance:
             kw["importance"] = importance
+
         def finish(p):
             planned = set(p.names)
             return replace(p, skipped=tuple(k for k in layers.names
-                                            if k not in planned and k not in layers.aliases))
+                                            if k not in planned and k not in layers.aliases),
+                           layers=tuple(replace(lp, channel_axis=axis[lp.name])
+                                        for lp in p.layers))
 
         if size_bytes is not None:
             if sparsity is not None or rate is not None or budget_bits is not None:
@@ -350,8 +362,8 @@ def _prepare(model, plan=None, *, fn, sparsity=None, bits=4, rate=None, budget_b
                 raise ValueError(f"{fn}: plan layer {lp.name!r} appears twice")
             seen.add(lp.name)
             shape = tuple(chosen[lp.name].tensor.shape)
-            if shape != tuple(lp.shape):
-                raise ValueError(f"{fn}: plan layer {lp.name!r} has shape {tuple(lp.shape)}, the "
+            if shape != lp.stored_shape:
+                raise ValueError(f"{fn}: plan layer {lp.name!r} has shape {lp.stored_shape}, the "
                                  f"model's weight has shape {shape} (a plan for another model?)")
 
     # ---- masks ----
@@ -375,7 +387,7 @@ def _prepare(model, plan=None, *, fn, sparsity=None, bits=4, rate=None, budget_b
                              f"cannot be derived from the plan, pass masks={{{lp.name!r}: ...}}")
         else:
             try:
-                m = layer_mask(lp, _numpy_weight(w))
+                m = layer_mask(lp, lp.from_stored(_numpy_weight(w)))
             except ValueError as exc:
                 raise ValueError(f"{fn}: {exc}. To install a plan on other weights (e.g. a "
                                  f"fresh model that will load a checkpoint) pass masks= "

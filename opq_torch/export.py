@@ -75,6 +75,12 @@ def export_onnx(model, example_input, path, *, prefer: str = "small", **kwargs) 
     import onnx
     _require(model, "export_onnx")
     plan = plan_of(model)
+    moved = [lp for lp in plan.layers if lp.channel_axis]
+    if moved:
+        raise ValueError(f"export_onnx: layer {moved[0].name!r} is planned along its stored "
+                         f"axis {moved[0].channel_axis}; the ONNX decode subgraphs hold plans "
+                         "along axis 0 (compress with a plan along axis 0, e.g. from the "
+                         "command line, to export)")
     masks = masks_of(model)
     weights = compressed_weights(model)
     codes = {lp.name: layer_codes(lp, weights[lp.name], masks[lp.name]) for lp in plan.layers}

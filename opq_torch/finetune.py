@@ -6,12 +6,14 @@ a compressed model is an ordinary ``nn.Module``.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from opq_core._check import _check_positive
+from opq_core._results import column, table_repr, total
 
 __all__ = ["finetune", "History", "EpochStats"]
 
@@ -36,25 +38,11 @@ class History:
 
     epochs: tuple = ()
 
-    @property
-    def train_loss(self) -> list:
-        return [e.train_loss for e in self.epochs]
-
-    @property
-    def train_acc(self) -> list:
-        return [e.train_acc for e in self.epochs]
-
-    @property
-    def eval_acc(self) -> list:
-        return [e.eval_acc for e in self.epochs]
-
-    @property
-    def seconds(self) -> float:
-        return float(sum(e.seconds for e in self.epochs))
-
-    @property
-    def steps(self) -> int:
-        return int(sum(e.steps for e in self.epochs))
+    train_loss = column("train_loss", "epochs")
+    train_acc = column("train_acc", "epochs")
+    eval_acc = column("eval_acc", "epochs")
+    seconds = total("seconds", float, "epochs")
+    steps = total("steps", int, "epochs")
 
     def __len__(self):
         return len(self.epochs)
@@ -62,12 +50,12 @@ class History:
     def __repr__(self):
         def f(v):
             return "      -" if v is None else f"{v:7.4f}"
-        rows = [f"{'epoch':>5} {'loss':>9} {'train acc':>9} {'eval acc':>8} {'lr':>9} {'s':>7}"]
-        for e in self.epochs:
-            rows.append(f"{e.epoch:>5d} {e.train_loss:>9.4f} {f(e.train_acc):>9} "
-                        f"{f(e.eval_acc):>8} {e.lr:>9.3g} {e.seconds:>7.2f}")
-        rows.append(f"total {self.steps} steps, {self.seconds:.2f} s")
-        return "History(\n" + "\n".join(rows) + "\n)"
+        return table_repr("History",
+                          f"{'epoch':>5} {'loss':>9} {'train acc':>9} {'eval acc':>8} {'lr':>9} "
+                          f"{'s':>7}", self.epochs,
+                          lambda e: f"{e.epoch:>5d} {e.train_loss:>9.4f} {f(e.train_acc):>9} "
+                                    f"{f(e.eval_acc):>8} {e.lr:>9.3g} {e.seconds:>7.2f}",
+                          f"total {self.steps} steps, {self.seconds:.2f} s")
 
 
 def _split(batch, fn):
@@ -116,13 +104,6 @@ def evaluate(model, loader, *, device=None) -> float | None:
     finally:
         model.train(was)
     return right / total if total else None
-
-
-def _check_positive(fn, name, v, allow_zero=False):
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    if not ok or (v < 0 if allow_zero else v <= 0):
-        need = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{fn}: {name} must be a finite number {need}, got {v!r}")
 
 
 def finetune(model, train_loader, *, epochs, lr=0.005, momentum=0.9, weight_decay=1e-4,

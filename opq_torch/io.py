@@ -23,6 +23,7 @@ from opq_core.format import CompressedFile, read_opq, write_opq
 from dataclasses import replace as dc_replace
 
 from ._layers import discover
+from ._numpy import to_numpy
 from .compress import (_install, _opq_entries, _prepare, compress, compressed_weights, is_compressed,
                        masks_of, plan_from_state_dict, plan_of)
 
@@ -31,11 +32,52 @@ __all__ = ["save", "load", "load_pretrained"]
 _PARAM = ".parametrizations."
 
 
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        t = t.float()
-    return t.numpy().copy()
+def _saved_names(model, fn):
+    """A function from a name as ``save_pretrained`` writes it to the model's own name.
+
+    transformers renames the keys of some architectures when saving (ViT:
+    ``vit.layers.0.attention.k_proj`` is saved as
+    ``vit.encoder.layer.0.attention.attention.key``) and back when loading; this asks
+    transformers for the saved name of every ``state_dict`` entry and maps each saved module
+    prefix back, so the opq entries under a module follow it. The identity for other models.
+    A conversion that merges or splits tensors is refused (``ValueError`` naming a tensor).
+    """
+    try:
+        from transformers import PreTrainedModel
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return lambda k: k
+    if not isinstance(model, PreTrainedModel):
+        return lambda k: k
+    probe = {k: torch.empty(0) for k in model.state_dict()}
+    model_of = {id(t): k for k, t in probe.items()}
+    prefixes = {}
+    for saved, t in revert_weight_conversion(model, dict(probe)).items():
+        name = model_of.get(id(t))
+        if name is None:
+            raise ValueError(f"{fn}: transformers converts this model's tensors when saving "
+                             f"(e.g. into {saved!r}), not only renames them; save the model's "
+                             f"own state_dict (torch.save(model.state_dict()) or "
+                             f"opq_torch.save) instead of save_pretrained")
+        if saved != name:
+            s_mod, _, s_attr = saved.rpartition(".")
+            m_mod, _, m_attr = name.rpartition(".")
+            if s_attr == m_attr:
+                prefixes[s_mod] = m_mod
+            else:
+                prefixes[saved] = name
+    if not prefixes:
+        return lambda k: k
+
+    def model_name(key):
+        head, rest = key, ""
+        while head:
+            if head in prefixes:
+                return prefixes[head] + rest
+            head, dot, tail = head.rpartition(".")
+            rest = dot + tail + rest
+        return key
+    return model_name
 
 
 def _other_tensors(model) -> dict:
@@ -47,7 +89,7 @@ def _other_tensors(model) -> dict:
             continue
         if k in aliases:
             continue
-        out[k] = _numpy(v)
+        out[k] = to_numpy(v, copy=True)
     return out
 
 
@@ -82,6 +124,7 @@ def save(model, path, *, layout: str = "entropy", metadata=None,
     masks = masks_of(model)
     # the effective weights are on the plan's grid: quantizing them again gives the same codes
     weights = compressed_weights(model)
+    weights = {lp.name: lp.from_stored(weights[lp.name]) for lp in plan.layers}
     return write_opq(path, plan, weights, masks=masks, other=_other_tensors(model),
                      layout=layout, metadata=metadata, progress=progress)
 
@@ -114,16 +157,23 @@ def load(path, model, *, progress: bool = False) -> CompressedFile:
     cf = read_opq(path, progress=progress)
     where = f"load: {str(path)!r} does not fit this model"
     layers = discover(model, fn="load")
-    canon = layers.aliases  # alias name -> the first state_dict name of the shared tensor
     sd = model.state_dict()
+    renamed = _saved_names(model, "load")  # a save_pretrained folder's name -> the model's
+
+    def canon(name):
+        """The model's first state_dict name of a file's tensor (renamed, or tied)."""
+        m = name if name in sd else renamed(name)
+        return layers.aliases.get(m, m)
+
     tensors, ignored = {}, []
-    for name, arr in list(cf.other.items()) + list(cf.weights.items()):
-        key = canon.get(name, name)
+    stored = {lp.name: lp.to_stored(cf.weights[lp.name]) for lp in cf.plan.layers}
+    for name, arr in list(cf.other.items()) + list(stored.items()):
+        key = canon(name)
         if key in tensors:
             raise ValueError(f"{where}: the file stores {name!r} and {key!r}, which are one "
                              f"tied tensor in this model")
         if key not in sd:
-            if arr.dtype.kind in "iub" and name not in cf.weights:
+            if arr.dtype.kind in "iub" and name not in stored:
                 # integer buffers a checkpoint holds and the model builds itself (BERT's
                 # position_ids is non-persistent in recent transformers): not loaded
                 ignored.append(name)
@@ -134,23 +184,23 @@ def load(path, model, *, progress: bool = False) -> CompressedFile:
             raise ValueError(f"{where}: tensor {name!r} has shape {tuple(arr.shape)} in the "
                              f"file, {tuple(sd[key].shape)} in the model")
         tensors[key] = arr
-    missing = [k for k in sd if k not in tensors and k not in canon]
+    missing = [k for k in sd if k not in tensors and k not in layers.aliases]
     if missing:
         raise ValueError(f"{where}: the model's {missing[0]!r} is not in the file "
                          f"({len(missing)} missing)")
-    # plan layers under the model's names for tied tensors
+    # plan layers under the model's names (renamed or tied tensors)
     plan, masks = cf.plan, dict(cf.masks)
-    if any(lp.name in canon for lp in plan.layers):
+    if any(canon(lp.name) != lp.name for lp in plan.layers):
         plan = dc_replace(plan, layers=tuple(
-            dc_replace(lp, name=canon.get(lp.name, lp.name)) for lp in plan.layers))
-        masks = {canon.get(k, k): v for k, v in masks.items()}
+            dc_replace(lp, name=canon(lp.name)) for lp in plan.layers))
+        masks = {canon(k): v for k, v in masks.items()}
     try:
         plan, layers, installed = _prepare(model, plan, fn="load", masks=masks)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{where}: {str(exc).removeprefix('load: ')}") from None
     new_sd = {}
     for k, v in sd.items():
-        t = torch.from_numpy(np.ascontiguousarray(tensors[canon.get(k, k)]))
+        t = torch.from_numpy(np.ascontiguousarray(tensors[layers.aliases.get(k, k)]))
         new_sd[k] = t.to(dtype=v.dtype)
     # only now is the model changed
     model.load_state_dict(new_sd, strict=True)
@@ -217,6 +267,9 @@ def load_pretrained(folder, model):
         raise TypeError(f"load_pretrained: model must be a torch.nn.Module, got "
                         f"{type(model).__name__}")
     sd = _read_state_dict(folder)
+    own = model.state_dict()
+    renamed = _saved_names(model, "load_pretrained")
+    sd = {(k if k in own else renamed(k)): v for k, v in sd.items()}
     aliases = discover(model, fn="load_pretrained").aliases
     # save_pretrained keeps one name of a tied tensor: give the model's other names the
     # same tensor (a compressed tied tensor has no other names in the compressed model)

@@ -214,6 +214,11 @@ def pack(model: nn.Module, *, inplace: bool = False, small_batch: int = 32,
         if attr != "weight" or not isinstance(mod, (nn.Linear, *_CONV, *_CONVT)):
             raise ValueError(f"pack: layer {q.name!r} is a {type(mod).__name__}; only Linear "
                              "and Conv/ConvTranspose layers can be packed")
+        if q.layer.channel_axis:
+            raise ValueError(f"pack: layer {q.name!r} ({type(mod).__name__}) is planned along "
+                             f"its stored axis {q.layer.channel_axis}; packed layers hold plans "
+                             "along axis 0 (compress it with a plan along axis 0, e.g. from the "
+                             "command line, to pack it)")
         if len(mod.parametrizations.weight) != 1:
             raise ValueError(f"pack: layer {q.name!r} has {len(mod.parametrizations.weight)} "
                              "parametrizations on its weight; only opq's can be packed")

@@ -43,7 +43,8 @@ def _plan_meta(plan: Plan) -> dict:
 class QuantizedWeight(nn.Module):
     r"""The parametrization of one compressed weight: mask + fake-quant, straight-through.
 
-    Buffers (in ``state_dict``): ``mask`` (bool, the weight's shape), ``scale`` and
+    Buffers (in ``state_dict``): ``mask`` (bool, the layer plan's shape: the weight's, or
+    with ``layer.channel_axis`` moved first), ``scale`` and
     ``threshold`` (float64, one per channel: :math:`s_c`, :math:`\theta_c`), ``codebook``
     (float64; empty unless ``grid == "codebook"``, whose levels are in units of ``scale``;
     ``threshold`` is empty then). Extra state: the layer's
@@ -163,6 +164,12 @@ class QuantizedWeight(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------
     def forward(self, w):
+        a = self.layer.channel_axis
+        if a:  # planned with the output channels first: the same view, moved back
+            return self._forward(w.movedim(a, 0)).movedim(0, a)
+        return self._forward(w)
+
+    def _forward(self, w):
         if self.grid == "codebook":
             return CodebookSTE.apply(w, self.mask, self.codebook, self.scale)
         return FakeQuantSTE.apply(w, self.mask, self.scale, self.threshold, self.step,

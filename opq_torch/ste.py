@@ -49,6 +49,7 @@ from opq_core import kernels as _k
 from opq_core._jit import PARALLEL_MIN_SIZE as _PARALLEL_MIN_SIZE
 
 from . import _buffers
+from ._numpy import to_numpy as _np
 
 __all__ = ["KERNEL_THREADS", "kernel_threads", "FakeQuantSTE", "CodebookSTE", "fake_quant_ste", "fake_quant_codebook_ste",
            "fake_quant_torch", "fake_quant_codebook_torch", "codebook_midpoints",
@@ -385,11 +386,6 @@ class _kernel_threads:
         if self.prev is not None:
             numba.set_num_threads(self.prev)
         return False
-
-
-def _np(t):
-    """Zero-copy NumPy view of a CPU tensor (contiguous, detached)."""
-    return t.detach().contiguous().numpy()
 
 
 def _fq_cpu(w, mask, scale, threshold, step, bits, grid):

@@ -247,31 +247,28 @@ def _blob_garbage_mask(meta, desc, entries):
     e[3] = e[3][:a] + bytes(255 - b for b in e[3][a:a + p[3]]) + e[3][a + p[3]:]
 
 
-def _meta(key, value):
+def _edit(where, key, value, delete):
+    """A mutation that sets ``key`` of the dict ``where(meta, desc)`` to ``value``, or
+    removes it when ``value is delete``."""
     def fn(meta, desc, entries):
-        if value is None:
-            meta.pop(key, None)
+        d = where(meta, desc)
+        if value is delete:
+            d.pop(key, None)
         else:
-            meta[key] = value
+            d[key] = value
     return fn
+
+
+def _meta(key, value):
+    return _edit(lambda meta, desc: meta, key, value, None)
 
 
 def _desc(key, value):
-    def fn(meta, desc, entries):
-        if value is _DELETE:
-            desc.pop(key, None)
-        else:
-            desc[key] = value
-    return fn
+    return _edit(lambda meta, desc: desc, key, value, _DELETE)
 
 
 def _plan(key, value):
-    def fn(meta, desc, entries):
-        if value is _DELETE:
-            desc["plan"].pop(key, None)
-        else:
-            desc["plan"][key] = value
-    return fn
+    return _edit(lambda meta, desc: desc["plan"], key, value, _DELETE)
 
 
 def _del_layer_key(i, key):

@@ -108,7 +108,7 @@ def test_compress_train_and_round_trips_are_bit_exact(kind, mode, tmp_path):
     # one policy: every floating tensor with ndim >= 2, tied ones once (first name)
     expect = names - ({TIED[kind][1]} if kind in TIED else set())
     assert set(plan.names) == expect
-    if kind == "gpt2":  # Hugging Face Conv1D, planned as stored (in, out)
+    if kind == "gpt2":  # Hugging Face Conv1D, planned as stored (in, out) by default
         assert plan["transformer.h.0.attn.c_attn.weight"].shape == (16, 48)
     batch = _batch(kind)
     _train(model, batch)
@@ -137,16 +137,26 @@ def test_compress_train_and_round_trips_are_bit_exact(kind, mode, tmp_path):
     model.save_pretrained(folder, max_shard_size="20KB")
     assert len([f for f in os.listdir(folder) if f.endswith(".safetensors")]) > 1
     fresh2 = cls(cfg).eval()
-    if kind == "vit":
-        # transformers renames ViT's keys when saving (vit.layers.0.attention.k_proj ->
-        # vit.encoder.layer.0.attention.attention.key): refused cleanly, model untouched
-        with pytest.raises(ValueError, match="renamed the model's tensors"):
-            opq_torch.load_pretrained(folder, fresh2)
-        assert not opq_torch.is_compressed(fresh2)
-        return
+    # transformers renames ViT's keys when saving (vit.layers.0.attention.k_proj ->
+    # vit.encoder.layer.0.attention.attention.key); load_pretrained maps them back
     opq_torch.load_pretrained(folder, fresh2)
     assert torch.equal(_out(fresh2, batch), y)
     assert opq_torch.plan_of(fresh2) == opq_torch.plan_of(model)
+
+
+def test_gpt2_conv1d_along_its_output_channels_round_trips(tmp_path):
+    model, cls, cfg = _build("gpt2")
+    plan = opq_torch.compress(model, sparsity=0.6, bits=4, channel_axis="output")
+    lp = plan["transformer.h.0.attn.c_attn.weight"]  # Conv1D stores (in, out)
+    assert lp.shape == (48, 16) and lp.channel_axis == 1 and lp.stored_shape == (16, 48)
+    assert lp.channel_scale.size == 48
+    batch = _batch("gpt2")
+    y = _out(model, batch)
+    opq_torch.save(model, tmp_path / "m.opq")
+    fresh = cls(cfg).eval()
+    opq_torch.load(tmp_path / "m.opq", fresh)
+    assert torch.equal(_out(fresh, batch), y)
+    assert opq_torch.plan_of(fresh) == plan
 
 
 def _get(model, name):
@@ -181,12 +191,16 @@ def test_cli_on_a_sharded_folder_loads_into_the_model_class(kind, tmp_path):
     out = tmp_path / "m.opq"
     assert main(["compress", str(folder), "-o", str(out), "--sparsity", "0.6", "-q"]) == 0
     if kind == "vit":
-        # transformers renames ViT's keys when saving, so the folder's tensor names are not
-        # the model's: refused cleanly, model untouched; the model's own state_dict works
+        # transformers renames ViT's keys when saving, so the file has the folder's names:
+        # opq_torch.load maps them back to the model's (transformers' own key mapping)
+        assert "vit.encoder.layer.0.attention.attention.key.weight" in read_opq(out).weights
         fresh = cls(cfg).eval()
-        with pytest.raises(ValueError, match="does not fit this model"):
-            opq_torch.load(out, fresh)
-        assert not opq_torch.is_compressed(fresh)
+        opq_torch.load(out, fresh)
+        ref, _, _ = _build(kind)
+        opq_torch.compress(ref, sparsity=0.6, bits=4)
+        batch = _batch(kind)
+        assert torch.equal(_out(fresh, batch), _out(ref, batch))
+        # the model's own state_dict: the same names as opq_torch's, compared one by one below
         torch.save(model.state_dict(), tmp_path / "sd.pt")
         assert main(["compress", str(tmp_path / "sd.pt"), "-o", str(out), "--sparsity", "0.6",
                      "-q"]) == 0
@@ -196,8 +210,15 @@ def test_cli_on_a_sharded_folder_loads_into_the_model_class(kind, tmp_path):
     cf = read_opq(out)
     assert cf.plan.names == sorted(plan.names) or set(cf.plan.names) == set(plan.names)
     eff = opq_torch.compressed_weights(ref)
-    for name in plan.names:
-        assert np.array_equal(cf.weights[name], eff[name]), name
+    for lp in plan.layers:
+        if lp.channel_axis:  # GPT-2's Conv1D: the checkpoint alone does not say (in, out)
+            assert cf.plan[lp.name].channel_axis == 0
+            assert cf.plan[lp.name].shape == lp.stored_shape
+        else:
+            assert np.array_equal(cf.weights[lp.name], eff[lp.name]), lp.name
+    if any(lp.channel_axis for lp in plan.layers):
+        ref, _, _ = _build(kind)  # the file's own plan (axis 0) installed by opq_torch
+        opq_torch.compress(ref, cf.plan, masks=cf.masks)
     fresh = cls(cfg).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # BERT's position_ids: not a model entry

@@ -37,6 +37,12 @@ def _modules(package: str):
         yield ".".join(parts), path
 
 
+def _library_modules():
+    """(module, path) of every module of the library packages."""
+    for package in LIBRARY:
+        yield from _modules(package)
+
+
 def _imports(modname: str, path: pathlib.Path):
     """(imported module, line, inside a function, names) for every import statement."""
     tree = ast.parse(path.read_text(), str(path))
@@ -127,30 +133,28 @@ def test_opq_core_never_imports_torch_or_the_adapter():
 
 def test_njit_only_in_jit_module():
     bad = []
-    for package in LIBRARY:
-        for m, path in _modules(package):
-            if m == "opq_core._jit":
-                continue
-            for node in ast.walk(ast.parse(path.read_text())):
-                name = None
-                if isinstance(node, ast.Attribute) and node.attr in ("njit", "jit") and \
-                        isinstance(node.value, ast.Name) and node.value.id == "numba":
-                    name = f"numba.{node.attr}"
-                elif isinstance(node, ast.ImportFrom) and node.module == "numba" and \
-                        any(a.name in ("njit", "jit") for a in node.names):
-                    name = "from numba import njit/jit"
-                if name:
-                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} uses {name}")
+    for m, path in _library_modules():
+        if m == "opq_core._jit":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = None
+            if isinstance(node, ast.Attribute) and node.attr in ("njit", "jit") and \
+                    isinstance(node.value, ast.Name) and node.value.id == "numba":
+                name = f"numba.{node.attr}"
+            elif isinstance(node, ast.ImportFrom) and node.module == "numba" and \
+                    any(a.name in ("njit", "jit") for a in node.names):
+                name = "from numba import njit/jit"
+            if name:
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} uses {name}")
     assert not bad, "\n".join(bad)
 
 
 def test_no_module_over_the_size_limit():
     big = []
-    for package in LIBRARY:
-        for m, path in _modules(package):
-            n = len(path.read_text().splitlines())
-            if n > MAX_LINES:
-                big.append(f"{path.relative_to(ROOT)}: {n} lines")
+    for m, path in _library_modules():
+        n = len(path.read_text().splitlines())
+        if n > MAX_LINES:
+            big.append(f"{path.relative_to(ROOT)}: {n} lines")
     assert not big, "\n".join(big)
 
 

@@ -1,10 +1,11 @@
 """Input normalization shared by the ANNC projections."""
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import numpy as np
+
+from .._check import _check_budget  # noqa: F401 (re-exported for the projections)
 
 _BLOCK = 1 << 16
 _F32_TINY = float(np.nextafter(np.float32(0), np.float32(1)))
@@ -58,16 +59,6 @@ def _per_layer_int(value, names, argument, lo, hi):
             raise ValueError(f"{argument}[{n!r}] must be in {lo}..{hi}, got {int(v)}")
         out[i] = int(v)
     return out
-
-
-def _check_budget(budget_bits):
-    if isinstance(budget_bits, (bool, np.bool_)) or not isinstance(
-            budget_bits, (int, float, np.integer, np.floating)):
-        raise TypeError(f"budget_bits must be a number, got {budget_bits!r}")
-    b = float(budget_bits)
-    if not (math.isfinite(b) and b >= 0):
-        raise ValueError(f"budget_bits must be a finite number >= 0, got {budget_bits!r}")
-    return int(math.floor(b))
 
 
 def _bad_weight(name, flat, shape, argument="weights"):

@@ -7,7 +7,8 @@ from typing import Mapping
 
 import numpy as np
 
-from .._check import BITS
+from .._check import BITS, _check_masks
+from .._results import table_repr
 from .._plan import LayerPlan, Plan, compute_dtype, paper_rate, rate_budget_bits
 from ..kernels.codebook import check_codebook, fake_quant_codebook
 from ._common import _bad_weight, _check_budget, _layers, _per_layer_int
@@ -41,13 +42,15 @@ class QuantResult:
         return int((self.bits * self.kept).sum())
 
     def __repr__(self):
-        rows = [f"{'layer':<28} {'kept':>10} {'bits':>4} {'centroids':>9} {'error':>10}"]
-        for i, n in enumerate(self.names):
+        def row(i):
+            n = self.names[i]
             j = self.bits_choices.index(int(self.bits[i]))
-            rows.append(f"{n[-28:]:<28} {int(self.kept[i]):>10d} {int(self.bits[i]):>4d} "
-                        f"{self.codebooks[n].size:>9d} {self.errors[i, j]:>10.4g}")
-        rows.append(f"size_bits={self.size_bits} method={self.choice.method}")
-        return "QuantResult(\n" + "\n".join(rows) + "\n)"
+            return (f"{n[-28:]:<28} {int(self.kept[i]):>10d} {int(self.bits[i]):>4d} "
+                    f"{self.codebooks[n].size:>9d} {self.errors[i, j]:>10.4g}")
+        return table_repr("QuantResult",
+                          f"{'layer':<28} {'kept':>10} {'bits':>4} {'centroids':>9} {'error':>10}",
+                          range(len(self.names)), row,
+                          f"size_bits={self.size_bits} method={self.choice.method}")
 
 
 def quantize_projection(weights: Mapping, masks: Mapping, budget_bits, *, bits=BITS,
@@ -114,22 +117,6 @@ def quantize_projection(weights: Mapping, masks: Mapping, budget_bits, *, bits=B
     return QuantResult(tuple(names), ch.bits, cbs, E, kept, choices, ch)
 
 
-def _check_masks(masks, names, shapes):
-    if not isinstance(masks, Mapping):
-        raise TypeError(f"masks must be a mapping name -> bool array, got {type(masks).__name__}")
-    out = []
-    for n, s in zip(names, shapes):
-        if n not in masks:
-            raise ValueError(f"masks: no mask for layer {n!r}")
-        m = np.asarray(masks[n])
-        if m.dtype != np.bool_:
-            raise TypeError(f"masks[{n!r}] must be a bool array, got dtype {m.dtype}")
-        if m.shape != s:
-            raise ValueError(f"masks[{n!r}]: shape {m.shape} does not match the weights' {s}")
-        out.append(np.ascontiguousarray(m).reshape(-1))
-    return out
-
-
 @dataclass(frozen=True, repr=False)
 class Projection:
     """The joint ANNC projection: masks, codebooks and bit-widths within the budget."""
@@ -159,12 +146,11 @@ class Projection:
         return out
 
     def __repr__(self):
-        rows = [f"{'layer':<28} {'kept':>10} {'bits':>4} {'centroids':>9}"]
-        for n in self.names:
-            rows.append(f"{n[-28:]:<28} {self.kept[n]:>10d} {self.bits[n]:>4d} "
-                        f"{self.codebooks[n].size:>9d}")
-        rows.append(f"size_bits={self.size_bits} budget_bits={self.budget_bits}")
-        return "Projection(\n" + "\n".join(rows) + "\n)"
+        return table_repr("Projection", f"{'layer':<28} {'kept':>10} {'bits':>4} {'centroids':>9}",
+                          self.names,
+                          lambda n: f"{n[-28:]:<28} {self.kept[n]:>10d} {self.bits[n]:>4d} "
+                                    f"{self.codebooks[n].size:>9d}",
+                          f"size_bits={self.size_bits} budget_bits={self.budget_bits}")
 
 
 def _lagrangian_bits(flats, tau, per_weight, choices):

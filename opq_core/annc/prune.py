@@ -9,6 +9,7 @@ from typing import Mapping
 import numpy as np
 
 from .._jit import PARALLEL_MIN_SIZE, jit, prange, twins
+from .._results import table_repr
 from ..select import band_half_width
 from ._common import _BLOCK, _bad_weight, _check_budget, _layers, _per_layer_int
 
@@ -193,15 +194,17 @@ class PruneResult:
         return 1.0 - int(self.kept.sum()) / self.n if self.n else 0.0
 
     def __repr__(self):
-        rows = [f"{'layer':<28} {'n':>10} {'bits':>4} {'kept':>10} {'sparsity':>8}"]
-        for i, name in enumerate(self.names):
+        def row(i):
+            name = self.names[i]
             n = self.masks[name].size
             sp = 1.0 - self.kept[i] / n if n else 0.0
-            rows.append(f"{name[-28:]:<28} {n:>10d} {int(self.bits[i]):>4d} "
-                        f"{int(self.kept[i]):>10d} {sp:>8.4f}")
-        rows.append(f"size_bits={self.size_bits} budget_bits={self.budget_bits} "
-                    f"sparsity={self.sparsity:.4f} passes={self.passes}")
-        return "PruneResult(\n" + "\n".join(rows) + "\n)"
+            return (f"{name[-28:]:<28} {n:>10d} {int(self.bits[i]):>4d} "
+                    f"{int(self.kept[i]):>10d} {sp:>8.4f}")
+        return table_repr("PruneResult",
+                          f"{'layer':<28} {'n':>10} {'bits':>4} {'kept':>10} {'sparsity':>8}",
+                          range(len(self.names)), row,
+                          f"size_bits={self.size_bits} budget_bits={self.budget_bits} "
+                          f"sparsity={self.sparsity:.4f} passes={self.passes}")
 
 
 def prune_to_budget(weights: Mapping, bits, budget_bits, *, min_kept: int = 1,

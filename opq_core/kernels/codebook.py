@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._check import _check_layer_mask as _check_mask, _check_layer_weight as _check_weight, _where
 from .._jit import jit, prange, twins
 from ._common import _finish, _index, _target, _use_parallel
 
@@ -37,33 +38,6 @@ __all__ = ["check_codebook", "check_codebook_scale", "midpoints", "fake_quant_co
 CODE_DTYPE = np.int16
 #: At most ``2**8`` non-zero centroids (8 bits per kept weight).
 MAX_CENTROIDS = 256
-
-
-def _check_weight(fn, w, name):
-    try:
-        x = np.asarray(w)
-    except Exception as exc:  # pragma: no cover - exotic objects
-        raise TypeError(f"{fn}: w{_where(name)} cannot be read as an array ({exc})") from None
-    if x.dtype.type not in (np.float32, np.float64):
-        raise TypeError(f"{fn}: w{_where(name)} must be float32 or float64, got dtype {x.dtype}")
-    if x.ndim < 1:
-        raise ValueError(f"{fn}: w{_where(name)} must have ndim >= 1 (channels first), got a "
-                         f"0-d array")
-    return np.ascontiguousarray(x)
-
-
-def _check_mask(fn, mask, shape, name):
-    m = np.asarray(mask)
-    if m.dtype != np.bool_:
-        raise TypeError(f"{fn}: mask{_where(name)} must be a bool array, got dtype {m.dtype}")
-    if m.shape != tuple(shape):
-        raise ValueError(f"{fn}: mask{_where(name)} shape {m.shape} does not match the "
-                         f"weights' {tuple(shape)}")
-    return np.ascontiguousarray(m)
-
-
-def _where(name):
-    return f" (layer {name!r})" if name is not None else ""
 
 
 def check_codebook(codebook, *, fn="check_codebook", name=None) -> np.ndarray:

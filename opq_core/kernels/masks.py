@@ -82,32 +82,6 @@ def scores(w, q_c, dead=None, out=None, *, layer=None):
 
 
 @jit()
-def _mfs_block(s, m, lam, lo, hi):
-    gt = 0
-    eq = 0
-    nan = 0
-    ss = s[lo:hi]
-    mm = m[lo:hi]
-    for j in range(ss.shape[0]):
-        v = ss[j]
-        mm[j] = v > lam
-        gt += 1 if v > lam else 0
-        eq += 1 if v == lam else 0
-        nan += 1 if v != v else 0
-    return gt, eq, nan
-
-
-def _mfs_pass1(s, m, lam, gt, eq, nan):
-    n = s.shape[0]
-    for b in prange(gt.shape[0]):
-        lo, hi = _bounds(b, n)
-        gt[b], eq[b], nan[b] = _mfs_block(s, m, lam, lo, hi)
-
-
-_mfs_pass1, _mfs_pass1_par = twins(_mfs_pass1)
-
-
-@jit()
 def _mfs_take(s, m, lam, take):
     """Keep, in each block, its first take[b] entries equal to lam."""
     n = s.shape[0]
@@ -163,16 +137,12 @@ def mask_from_scores(score, lam, kept):
     kept = _check_int(fn, "kept", kept, 0, n)
     flat = s.reshape(-1)
     m = np.empty(n, dtype=np.bool_)
-    nb = (n + _BLOCK - 1) // _BLOCK
-    gt = np.zeros(nb, np.int64)
-    eq = np.zeros(nb, np.int64)
-    nan = np.zeros(nb, np.int64)
-    (_mfs_pass1_par if _use_parallel(n) else _mfs_pass1)(flat, m, lam, gt, eq, nan)
+    below, eq, nan = _band_counts(flat, lam, lam, m)
     if nan.any():
         i = int(np.flatnonzero(np.isnan(flat))[0])
         raise ValueError(f"{fn}: score has a NaN at index {_index(s.shape, i)}")
-    n_gt = int(gt.sum())
     n_eq = int(eq.sum())
+    n_gt = n - int(below.sum()) - n_eq
     if n_gt > kept:
         raise ValueError(f"{fn}: {n_gt} scores are > lam={lam!r}, more than kept={kept}")
     need = kept - n_gt
@@ -187,27 +157,44 @@ def mask_from_scores(score, lam, kept):
 
 
 @jit()
-def _band_block(x, lo_v, hi_v, lo, hi):
+def _band_block(x, lo_v, hi_v, m, lo, hi):
+    """Counts of ``x[lo:hi]`` below ``lo_v``, inside ``[lo_v, hi_v]`` and NaN; when ``m``
+    is not empty, also ``m[j] = x[j] > hi_v``."""
     below = 0
     band = 0
     nan = 0
     xx = x[lo:hi]
+    mark = m.shape[0] > 0
+    mm = m[lo:hi] if mark else m  # slices, not offsets: the loop vectorizes
     for j in range(xx.shape[0]):
         v = xx[j]
+        if mark:
+            mm[j] = v > hi_v
         below += 1 if v < lo_v else 0
         band += 1 if (v >= lo_v and v <= hi_v) else 0
         nan += 1 if v != v else 0
     return below, band, nan
 
 
-def _band_count(x, lo_v, hi_v, below, band, nan):
+def _band_count(x, lo_v, hi_v, m, below, band, nan):
     n = x.shape[0]
     for b in prange(below.shape[0]):
         lo, hi = _bounds(b, n)
-        below[b], band[b], nan[b] = _band_block(x, lo_v, hi_v, lo, hi)
+        below[b], band[b], nan[b] = _band_block(x, lo_v, hi_v, m, lo, hi)
 
 
 _band_count, _band_count_par = twins(_band_count)
+
+
+def _band_counts(x, lo_v, hi_v, m=None):
+    """Per block of ``_BLOCK`` values: how many are below ``lo_v``, inside ``[lo_v, hi_v]``,
+    NaN (three int64 arrays); ``m`` (bool, like ``x``) receives ``x > hi_v``."""
+    n = x.shape[0]
+    nb = (n + _BLOCK - 1) // _BLOCK
+    below, band, nan = (np.zeros(nb, np.int64) for _ in range(3))
+    mm = np.empty(0, np.bool_) if m is None else m
+    (_band_count_par if _use_parallel(n) else _band_count)(x, lo_v, hi_v, mm, below, band, nan)
+    return below, band, nan
 
 
 @jit()
@@ -258,12 +245,7 @@ def _select_band(x, k, sample=None, slack=None):
     i_hi = max(int(math.ceil(r + slack)), 0)
     lo_v = -np.inf if i_lo < 0 else float(smp[i_lo])
     hi_v = np.inf if i_hi >= sample else float(smp[i_hi])
-    nb = (n + _BLOCK - 1) // _BLOCK
-    below = np.zeros(nb, np.int64)
-    band = np.zeros(nb, np.int64)
-    nan = np.zeros(nb, np.int64)
-    par = _use_parallel(n)
-    (_band_count_par if par else _band_count)(x, lo_v, hi_v, below, band, nan)
+    below, band, nan = _band_counts(x, lo_v, hi_v)
     if nan.any():
         return None
     n_below = int(below.sum())
@@ -275,7 +257,7 @@ def _select_band(x, k, sample=None, slack=None):
         return float(lo_v), n_below, n_band, "band"
     offsets = np.cumsum(band) - band
     cand = np.empty(n_band, dtype=np.float64)
-    (_band_collect_par if par else _band_collect)(x, lo_v, hi_v, offsets, cand)
+    (_band_collect_par if _use_parallel(n) else _band_collect)(x, lo_v, hi_v, offsets, cand)
     r_in = k - n_below
     v = np.partition(cand, r_in - 1)[r_in - 1]
     return (float(v), n_below + int(np.count_nonzero(cand < v)),

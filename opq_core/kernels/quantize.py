@@ -29,71 +29,37 @@ def code_dtype(bits: int):
 # --------------------------------------------------------------------------------------
 
 @jit()
+def _level(kf, grid, s, theta, step, sd):
+    """The magnitude of level ``kf`` (a float index, 1..K) of one channel's grid."""
+    if grid == 0:
+        return theta + s * ((kf - 0.5) * step)
+    return kf * sd
+
+
+@jit()
 def _fq_row(x, m, o, cd, want_codes, grid, s, theta, step, kmax):
     """One output channel; returns the number of kept NaN weights."""
     sd = s * step
     bad = 0
-    n = x.shape[0]
-    if grid == 0:
-        if want_codes:
-            for j in range(n):
-                v = np.float64(x[j])
-                kf = np.floor((abs(v) - theta) / sd) + 1.0
-                if kf > kmax:
-                    kf = kmax
-                if not kf >= 1.0:
-                    kf = 1.0
-                level = theta + s * ((kf - 0.5) * step)
-                k = np.int64(kf)
-                keep = m[j]
-                pos = v >= 0.0
-                val = level if pos else -level
-                o[j] = val if keep else 0.0
-                cd[j] = (k if pos else -k) if keep else 0
-                bad += 1 if (keep and v != v) else 0
+    for j in range(x.shape[0]):
+        v = np.float64(x[j])
+        if grid == 0:
+            kf = np.floor((abs(v) - theta) / sd) + 1.0
         else:
-            for j in range(n):
-                v = np.float64(x[j])
-                kf = np.floor((abs(v) - theta) / sd) + 1.0
-                if kf > kmax:
-                    kf = kmax
-                if not kf >= 1.0:
-                    kf = 1.0
-                level = theta + s * ((kf - 0.5) * step)
-                keep = m[j]
-                val = level if v >= 0.0 else -level
-                o[j] = val if keep else 0.0
-                bad += 1 if (keep and v != v) else 0
-    else:
+            kf = np.rint(abs(v) / sd)
+        if kf > kmax:
+            kf = kmax
+        if not kf >= 1.0:
+            kf = 1.0
+        level = _level(kf, grid, s, theta, step, sd)
+        keep = m[j]
+        pos = v >= 0.0
+        val = level if pos else -level
+        o[j] = val if keep else 0.0
         if want_codes:
-            for j in range(n):
-                v = np.float64(x[j])
-                kf = np.rint(abs(v) / sd)
-                if kf > kmax:
-                    kf = kmax
-                if not kf >= 1.0:
-                    kf = 1.0
-                level = kf * sd
-                k = np.int64(kf)
-                keep = m[j]
-                pos = v >= 0.0
-                val = level if pos else -level
-                o[j] = val if keep else 0.0
-                cd[j] = (k if pos else -k) if keep else 0
-                bad += 1 if (keep and v != v) else 0
-        else:
-            for j in range(n):
-                v = np.float64(x[j])
-                kf = np.rint(abs(v) / sd)
-                if kf > kmax:
-                    kf = kmax
-                if not kf >= 1.0:
-                    kf = 1.0
-                level = kf * sd
-                keep = m[j]
-                val = level if v >= 0.0 else -level
-                o[j] = val if keep else 0.0
-                bad += 1 if (keep and v != v) else 0
+            k = np.int64(kf)
+            cd[j] = (k if pos else -k) if keep else 0
+        bad += 1 if (keep and v != v) else 0
     return bad
 
 
@@ -218,22 +184,13 @@ def fake_quant(w, mask, scale, threshold, step, bits, grid="offset", *, out=None
 def _deq_row(cd, o, grid, s, theta, step, kmax):
     sd = s * step
     bad = 0
-    if grid == 0:
-        for j in range(cd.shape[0]):
-            ci = np.int64(cd[j])
-            kf = np.float64(abs(ci))
-            level = theta + s * ((kf - 0.5) * step)
-            val = level if ci > 0 else -level
-            o[j] = val if ci != 0 else 0.0
-            bad += 1 if kf > kmax else 0
-    else:
-        for j in range(cd.shape[0]):
-            ci = np.int64(cd[j])
-            kf = np.float64(abs(ci))
-            level = kf * sd
-            val = level if ci > 0 else -level
-            o[j] = val if ci != 0 else 0.0
-            bad += 1 if kf > kmax else 0
+    for j in range(cd.shape[0]):
+        ci = np.int64(cd[j])
+        kf = np.float64(abs(ci))
+        level = _level(kf, grid, s, theta, step, sd)
+        val = level if ci > 0 else -level
+        o[j] = val if ci != 0 else 0.0
+        bad += 1 if kf > kmax else 0
     return bad
 
 

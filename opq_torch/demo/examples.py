@@ -45,6 +45,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..finetune import evaluate as _evaluate
+
 __all__ = ["Data", "DenseHistory", "DATASETS", "MODELS", "DigitsCNN", "DigitsResNet",
            "MNIST1DCNN", "ModelSpec", "load_data", "load_digits", "load_mnist1d", "loaders", "make_model",
            "train_dense", "evaluate", "deterministic", "limit_threads"]
@@ -355,20 +357,12 @@ class DenseHistory:
 
 
 def evaluate(model: nn.Module, loader) -> float:
-    """Top-1 accuracy of ``model`` on ``loader`` (eval mode, no gradients; mode restored)."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    try:
-        with torch.no_grad():
-            for x, y in loader:
-                correct += int((model(x).argmax(dim=1) == y).sum())
-                total += int(y.numel())
-    finally:
-        model.train(was_training)
-    if total == 0:
+    """Top-1 accuracy of ``model`` on ``loader`` (:func:`opq_torch.finetune.evaluate`: eval
+    mode, no gradients, mode restored); an empty loader is refused."""
+    acc = _evaluate(model, loader)
+    if acc is None:
         raise ValueError("loader: no samples to evaluate")
-    return correct / total
+    return acc
 
 
 def train_dense(model: nn.Module, train_loader, test_loader=None, *, epochs: int = 20,
