@@ -155,10 +155,8 @@ def _solve_budget(ctx: _Context, budget, bits_set):
         layers = _empty_layers(ctx, bits_set, step_table, qn_table, use_q)
         return layers, np.inf, 2, msg, min_feasible
     n_iter = 1 if (ctx.grid == "offset" and ctx.error_model == "laplace") else 2
-    if ctx.error_model == "fitted":  # start from the fit with nothing pruned
-        for i in range(L):
-            for j, bb in enumerate(bits_set):
-                step_table[i, j], qn_table[i, j] = _layer_constants(ctx, i, bb, None, None, 0.0)
+    # "fitted": the first bisection runs on the Laplace constants (nothing pruned), the
+    # second on the constants fitted at the thresholds of the first
     sample = None if ctx.importance else _Sample(ctx)
     exact = N * len(bits_set) <= EXCHANGE_MAX and (sample is None or sample.exact)
     for it in range(n_iter):
@@ -167,12 +165,11 @@ def _solve_budget(ctx: _Context, budget, bits_set):
         if it == n_iter - 1:
             break
         for i in range(L):
-            b = bits_set[choice[i]]
-            lam_i = mu * b
+            lam_i = mu * bits_set[choice[i]]
+            sq_i = score_tab[i, choice[i]]
+            t_mean = _mean_threshold(ctx, i, lam_i, sq_i)
             for j, bb in enumerate(bits_set):
-                t_mean = _mean_threshold(ctx, i, lam_i, score_tab[i, choice[i]])
-                step_table[i, j], qn_table[i, j] = _layer_constants(
-                    ctx, i, bb, t_mean, lam_i, score_tab[i, choice[i]])
+                step_table[i, j], qn_table[i, j] = _layer_constants(ctx, i, bb, t_mean, lam_i, sq_i)
     score_tab = qn_table if use_q else np.zeros_like(qn_table)
     if exact:
         choice = _exchange(ctx, bits_set, score_tab, choice, S, _live_floors(ctx))
@@ -224,7 +221,7 @@ def _bisect_mu(ctx, sample, score_tab, bits_set, S, exact):
     hi = max(hi, 1e-300) / min(bits_set) * 2.0 + 1e-300
     _, ch = cost(hi)
     lo = 0.0
-    rtol = 0.0 if exact else 1e-9  # estimates: no need for the last bits of mu
+    rtol = 0.0 if exact else 1e-7  # estimates: no need for the last bits of mu
     for _ in range(200):
         mid = 0.5 * (lo + hi)
         if mid <= lo or mid >= hi or hi - lo <= rtol * hi:

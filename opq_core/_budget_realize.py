@@ -157,7 +157,7 @@ def _estimate_band(sample, bits, score_q, S, floors, sizes, widen):
         lo, hi = 0.0, max(float(sample.sq.max()), 1e-300) / float(b.min()) * 2.0 + 1e-300
         for _ in range(200):
             mid = 0.5 * (lo + hi)
-            if mid <= lo or mid >= hi or hi - lo <= 1e-12 * hi:
+            if mid <= lo or mid >= hi or hi - lo <= 1e-7 * hi:
                 break
             if cost(mid) <= goal:
                 hi = mid
