@@ -5,7 +5,8 @@ layer costs the same bits): a bisection on the ratio ``gain / B_i`` then a greed
 ratio, one compiled call over the layers. Each pass ranks every single-layer width change
 by its Lagrangian loss at the current ratio price (a linear pass over layers and widths),
 tries the ``EXCHANGE_TRIALS`` best exactly and keeps each that lowers the objective within
-the budget: the work per pass is linear in the number of layers.
+the budget; when none does, pairs of the ``EXCHANGE_PAIRS`` best changes (two layers at
+once) are tried. The work per pass is linear in the number of layers.
 """
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import numpy as np
 from ._jit import jit
 from ._solver import _layer_scores
 
-#: Width changes tried per pass, and passes.
+#: Single-layer width changes tried per pass, the best-ranked changes paired when none
+#: of them helps (pairs of two layers), and passes.
 EXCHANGE_TRIALS = 64
-EXCHANGE_PASSES = 4
+EXCHANGE_PAIRS = 24
+EXCHANGE_PASSES = 6
 
 
 @jit()
@@ -163,14 +166,17 @@ def _exchange(ctx, bits_set, score_tab, choice, S, floors):
     if cur is None:
         return ch
     vals = np.empty((L, nb))
-    for _ in range(EXCHANGE_PASSES):
-        _values_at(neg_all, pre_all, start, size, bits_f, cur[1], vals)
+
+    def ranked(ch, price, count):
+        _values_at(neg_all, pre_all, start, size, bits_f, price, vals)
         loss = vals - vals[rows, ch][:, None]
         loss[rows, ch] = np.inf
-        order = np.argsort(loss, axis=None, kind="stable")[:min(EXCHANGE_TRIALS, L * (nb - 1))]
+        order = np.argsort(loss, axis=None, kind="stable")[:min(count, L * (nb - 1))]
+        return [divmod(int(m), nb) for m in order]
+
+    for _ in range(EXCHANGE_PASSES):
         improved = False
-        for m in order:
-            i, j = divmod(int(m), nb)
+        for i, j in ranked(ch, cur[1], EXCHANGE_TRIALS):  # single-layer changes
             if j == ch[i]:
                 continue
             trial = ch.copy()
@@ -178,6 +184,21 @@ def _exchange(ctx, bits_set, score_tab, choice, S, floors):
             res = solve(trial)
             if res is not None and res[0] < cur[0] - 1e-12 * abs(cur[0]):
                 ch, cur, improved = trial, res, True
+        if not improved:  # pairs of the best-ranked changes of two different layers
+            moves = ranked(ch, cur[1], EXCHANGE_PAIRS)
+            for a in range(len(moves)):
+                for c in range(a + 1, len(moves)):
+                    (i, j), (i2, j2) = moves[a], moves[c]
+                    if i == i2 or j == ch[i] or j2 == ch[i2]:
+                        continue
+                    trial = ch.copy()
+                    trial[i], trial[i2] = j, j2
+                    res = solve(trial)
+                    if res is not None and res[0] < cur[0] - 1e-12 * abs(cur[0]):
+                        ch, cur, improved = trial, res, True
+                        break
+                if improved:
+                    break
         if not improved:
             break
     return ch
