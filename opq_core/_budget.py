@@ -21,14 +21,12 @@ Memory and time are bounded by a per-layer *sample*, not by the model:
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from ._jit import jit, prange, twins
+from ._jit import prange, twins
 from . import error_model as em
 from ._plan import paper_rate, rate_budget_bits
-from ._solver import (_Context, _build_layers, _channel_table, _layer_constants, _layer_scores,
+from ._solver import (_Context, _build_layers, _channel_table, _layer_constants,
                       _mean_threshold, _pruned_per_channel)
 from .stats import as_matrix
 from ._budget_exchange import _counts_at, _exchange, _ratio_counts  # noqa: F401
