@@ -9,7 +9,9 @@ is reported apart.
 The size-budget mode (``rate=``, a width 1..8 per layer) is timed against the sparsity mode
 on CIFAR ResNet-20/56 and ResNet-50 shapes (best of the repeats).
 
-    python benchmarks/bench_allocate.py [--quick] [--json out.json]
+    python benchmarks/bench_allocate.py [--quick] [--budget-only] [--json out.json]
+
+``--budget-only`` runs just the size-budget comparison (and records the load average).
 """
 from __future__ import annotations
 
@@ -31,7 +33,20 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="MobileNet only, fewer repeats")
     ap.add_argument("--json", help="write the JSON result here")
+    ap.add_argument("--budget-only", action="store_true",
+                    help="only the size-budget mode vs the sparsity mode")
     args = ap.parse_args(argv)
+    if args.budget_only:
+        load = [list(os.getloadavg())]
+        budget_rows = bench_budget(["resnet20"] if args.quick else
+                                   ["resnet20", "resnet56", "resnet50"], 3 if args.quick else 7)
+        load.append(list(os.getloadavg()))
+        cols = ["model", "weights", "layers", "rate", "sparsity ms", "budget ms",
+                "budget / sparsity", "paper_rate"]
+        emit("bench_allocate (size-budget mode vs sparsity mode)",
+             {"budget_rows": budget_rows, "loadavg_before_after": load}, budget_rows, cols,
+             args.json)
+        return
     archs = ["mobilenet_v1"] if args.quick else ["alexnet", "resnet50", "mobilenet_v1"]
     repeat = 3 if args.quick else 7
     t = time.perf_counter()

@@ -7,14 +7,15 @@ and peak resident memory (``getrusage`` of that process):
 
 - ``read``: the baseline, every tensor read once (what any tool pays to look at the file);
 - ``plan`` (sparsity mode), ``compress``, ``inspect --verify``, ``decompress`` (bfloat16
-  shards); ``plan --rate`` (the size-budget mode) only with ``--budget``: its memory is
-  not yet bounded (measured, not a target).
+  shards), ``plan --rate 16`` (the size-budget mode, widths 2..6 chosen per layer).
 
 Every figure is also given as a ratio: wall time over the ``read`` baseline's, peak
-memory over the checkpoint's size. Writes ``benchmarks/results/bench_scale[.quick].json``
-and ``.md``.
+memory over the checkpoint's size, and the budget mode's time and peak memory over the
+sparsity mode's (same run). ``--width``/``--layers`` change the shapes (``--width 1280``:
+about 538 M weights). Writes ``benchmarks/results/bench_scale[.quick].json`` and ``.md``
+(the load average of the machine before and after is recorded).
 
-    python benchmarks/bench_scale.py [--quick] [--budget] [--keep DIR]
+    python benchmarks/bench_scale.py [--quick] [--width W] [--layers L] [--no-budget] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -115,12 +116,21 @@ def main():
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a small model (smoke run)")
-    ap.add_argument("--budget", action="store_true",
-                    help="also the size-budget mode (plan --rate 16; memory not yet bounded)")
+    ap.add_argument("--no-budget", action="store_true",
+                    help="leave out the size-budget mode (plan --rate 16)")
+    ap.add_argument("--width", type=int, help="model width (default: 1024, --quick 256)")
+    ap.add_argument("--layers", type=int, help="blocks (default: 24, --quick 2)")
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep the files")
     ap.add_argument("--json", metavar="FILE", help="write the JSON here (default: results/)")
     args = ap.parse_args()
-    spec = QUICK if args.quick else FULL
+    spec = dict(QUICK if args.quick else FULL)
+    for key in ("width", "layers"):
+        v = getattr(args, key)
+        if v is not None:
+            if v < 1:
+                raise SystemExit(f"bench_scale: --{key} must be >= 1, got {v}")
+            spec[key] = v
+    load_before = os.getloadavg()
     work = args.keep or tempfile.mkdtemp(prefix="opq-scale-")
     os.makedirs(work, exist_ok=True)
     try:
@@ -140,8 +150,8 @@ def main():
                  ("decompress (bf16 shards)", ["decompress", opq, "-o",
                                                os.path.join(out, "model.safetensors"),
                                                "--max-shard-size", "200MB", "-q"])]
-        if args.budget:
-            steps.append(("plan --rate 16 (budget; unbounded)",
+        if not args.no_budget:
+            steps.append(("plan --rate 16 (budget)",
                           ["plan", ckpt, "--rate", "16", "--bits", "2,3,4,5,6", "-q"]))
         rows = []
         base = None
@@ -156,13 +166,18 @@ def main():
             print(f"{label}: {d['wall_s']:.1f} s, peak {d['peak_rss'] / 2 ** 20:.0f} MiB",
                   file=sys.stderr)
         opq_size = os.path.getsize(opq)
+        by = {r["step"]: r for r in rows}
+        sp, bu = by["plan --sparsity 0.9"], by.get("plan --rate 16 (budget)")
+        vs = None if bu is None else {"time": bu["wall_s"] / sp["wall_s"],
+                                      "peak_rss": bu["peak_rss_MB"] / sp["peak_rss_MB"]}
+        load = {"before": list(load_before), "after": list(os.getloadavg())}
         dense = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)
                     if f.endswith(".safetensors"))
         result = {"benchmark": "bench_scale", "quick": args.quick, "weights": n,
                   "checkpoint_bytes": size, "dtype": "bfloat16", "generate_s": gen_s,
                   "opq_bytes": opq_size, "decompressed_bytes": dense,
                   "decompressed_over_input": dense / size, "shape": spec, "rows": rows,
-                  "cpus": os.cpu_count()}
+                  "cpus": os.cpu_count(), "budget_over_sparsity": vs, "loadavg": load}
         stem = "bench_scale.quick" if args.quick else "bench_scale"
         res_dir = os.path.join(HERE, "results")
         json_path = args.json or os.path.join(res_dir, stem + ".json")
@@ -179,6 +194,13 @@ def main():
                         f"rss_x_file: peak resident memory over the checkpoint's size. "
                         f".opq: {opq_size / 1e6:.1f} MB; decompressed (bfloat16 shards): "
                         f"{dense / 1e6:.0f} MB = {dense / size:.3f}x the input.\n")
+                if vs is not None:
+                    f.write(f"\nSize-budget mode over sparsity mode (same run): "
+                            f"{vs['time']:.2f}x the time, {vs['peak_rss']:.2f}x the peak "
+                            "memory.\n")
+                f.write(f"\nLoad average (1, 5, 15 min) on {os.cpu_count()} CPUs: "
+                        f"{', '.join(f'{x:.1f}' for x in load['before'])} before, "
+                        f"{', '.join(f'{x:.1f}' for x in load['after'])} after.\n")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

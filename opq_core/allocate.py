@@ -189,7 +189,7 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
     names, skipped = _select_layers(weights, exclude)
     # A lazy source (a file opened with opq_core.open_weights) is read again tensor by
     # tensor on every pass instead of being held: peak memory is bounded by the largest
-    # tensor, not the model (sparsity mode; budget mode keeps sorted copies).
+    # tensor, not the model (both modes; the budget mode adds a bounded per-layer sample).
     lazy = _is_lazy(weights)
     arrays = _Reread(weights) if lazy else {}
     stats = []

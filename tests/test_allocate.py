@@ -214,9 +214,9 @@ def test_budget_never_exceeded_and_near_exhaustive():
         gap = (p.predicted_error - best) / max(best, 1e-12)
         worst = max(worst, gap)
         exact += gap < 1e-9
-    # stated tolerance (README): Lagrangian + local search + greedy fill is within 20 % of the
-    # exhaustive optimum on these tiny problems, and exact on most draws (measured: 93 % of
-    # 60 draws exact, worst gap 15 %)
+    # stated tolerance (README): Lagrangian + exchange search + greedy fill is within 20 % of
+    # the exhaustive optimum on these tiny problems, and exact on most draws (measured on 60
+    # draws of this generator: 54 exact, worst gap 3.1 %; the first solver: 53, 38 %)
     assert worst <= 0.20, worst
     assert exact >= 9, exact
 
@@ -387,3 +387,26 @@ def test_a_layer_pruned_entirely_is_reported():
         p = plan(w, sparsity=0.9, min_density=0)
     assert p["tiny"].kept == 0 and "pruned beyond 99 %: tiny (100.00 %)" in p.message
     assert p.status == 0  # the target is met exactly; the warning is advice
+
+
+def test_budget_objective_no_worse_than_the_first_solver():
+    # the exchange search tries a bounded number of ranked width changes per pass; on
+    # tiny random problems it must reach the objective of the first solver (every change,
+    # four first-improvement passes: tests/reference.py), or a better one
+    from reference import budget_objective_v1
+    rng = np.random.default_rng(21)
+    better = 0
+    for trial in range(30):
+        L = int(rng.integers(2, 7))
+        w = {f"l{i}": rng.laplace(size=(int(rng.integers(1, 4)), int(rng.integers(2, 6))))
+             * 10 ** rng.uniform(-1, 0.5) for i in range(L)}
+        N = sum(v.size for v in w.values())
+        S = float(rng.integers(L * 2, 4 * N))
+        bits_set = ((1, 2, 4, 8), (1, 2, 3, 4, 5, 6, 7, 8), (2, 3))[trial % 3]
+        old = budget_objective_v1(w, S, bits_set)
+        p = plan(w, budget_bits=S, bits=bits_set, error_model="laplace")
+        if old is None:
+            continue
+        assert p.size_bits <= S
+        assert p.predicted_error <= old + 1e-9 * abs(old), (trial, p.predicted_error, old)
+        better += p.predicted_error < old - 1e-9 * abs(old)

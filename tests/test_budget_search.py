@@ -1,4 +1,4 @@
-"""The compiled trial of the budget solver's local search against the plain bisection it
+"""The compiled ratio bisection of the budget solver's exchange search against the plain bisection it
 replaced (per layer searchsorted on the negated gains, 100 halvings)."""
 from __future__ import annotations
 
