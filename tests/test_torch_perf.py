@@ -8,6 +8,7 @@ import torch
 
 from opq_core import kernels
 from opq_torch import _buffers, ste
+from torch_memory import peak_extra_bytes
 
 
 def _case(seed, shape, dtype=torch.float32):
@@ -154,22 +155,8 @@ def test_blocked_codebook_formula_equals_the_kernel(monkeypatch):
                        ste.fake_quant_codebook_ste(w, m, cb))
 
 
-def _peak_extra_bytes(fn):
-    """Peak bytes torch's CPU allocator held during ``fn()`` above what it held before."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak, len(events)
-
-
 def test_torch_formula_peak_memory_is_under_twice_the_weight():
     w, m, s, th = _case(4, (2048, 2048))
-    peak, n_events = _peak_extra_bytes(lambda: ste.fake_quant_torch(w, m, s, th, 0.5, 4))
+    peak, n_events = peak_extra_bytes(lambda: ste.fake_quant_torch(w, m, s, th, 0.5, 4))
     assert n_events > 0  # the profiler saw the allocations
     assert w.nbytes <= peak <= 2 * w.nbytes  # the output, plus small blocks
