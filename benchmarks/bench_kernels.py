@@ -206,9 +206,19 @@ def bench_adapter(shape, repeat, rows):
     def tq():
         return torch.fake_quantize_per_channel_affine(wt.detach(), sc, zp, 0, -8, 7) * mf
 
+    ob = np.empty_like(w)
+    og = np.empty_like(g)
+
+    def kfwd():  # the bare kernels on the same arrays, into held outputs
+        return K.fake_quant(w, m, s, th, d, bits, out=ob)
+
+    def kbwd():
+        return K.ste_backward(g, m, out=og)
+
     label = f"{w.size / 1e6:.1f}M {shape}"
     t = {}
-    for name, fn in (("copy", copy), ("forward", fwd), ("backward", bwd), ("torch", tq)):
+    for name, fn in (("copy", copy), ("kernel forward", kfwd), ("forward", fwd),
+                     ("kernel backward", kbwd), ("backward", bwd), ("torch", tq)):
         t[name] = best_time(fn, repeat)
     old = ste.KERNEL_THREADS
     try:
@@ -224,13 +234,15 @@ def bench_adapter(shape, repeat, rows):
     wd = wt.detach()
     peak_new = peak_extra_bytes(lambda: ste.fake_quant_torch(wd, mt, st, tht, d, bits))[0]
     peak_old = peak_extra_bytes(lambda: _float64_formula(wd, mt, st, tht, d, bits))[0]
-    for op in ("forward", "backward", "forward 1 thread", "forward fresh output", "torch",
-               "torch-ops formula"):
+    for op in ("kernel forward", "forward", "kernel backward", "backward", "forward 1 thread",
+               "forward fresh output", "torch", "torch-ops formula"):
         rows.append(dict(shape=label, op=f"adapter: {op}", ms=t[op] * 1e3,
                          per_copy=t[op] / t["copy"], threads=ste.kernel_threads(w.size)))
     summary = {
         "forward_per_copy": t["forward"] / t["copy"],
         "backward_per_copy": t["backward"] / t["copy"],
+        "forward_per_kernel": t["forward"] / t["kernel forward"],
+        "backward_per_kernel": t["backward"] / t["kernel backward"],
         "torch_fakequant_per_opq_forward": t["torch"] / t["forward"],
         "torch_ops_formula_per_opq_forward": t["torch-ops formula"] / t["forward"],
         "torch_ops_peak_extra_per_weight_bytes": peak_new / w.nbytes,
@@ -400,6 +412,9 @@ def main_adapter(args):
            f"(the whole-tensor float64 formula it replaces: "
            f"{summary['old_float64_formula_peak_extra_per_weight_bytes']:.1f}x); its time "
            f"{summary['torch_ops_formula_per_opq_forward']:.1f}x opq's forward.", "",
+           f"Adapter overhead over the bare kernels on the same arrays: forward "
+           f"{summary['forward_per_kernel']:.2f}x, backward "
+           f"{summary['backward_per_kernel']:.2f}x the kernel's time.", "",
            "Thread rule (adapter forward, all threads / one thread, best of "
            f"{3 * repeat}; below 1 = more threads faster):", "",
            markdown_table(summary["thread_sweep"],

@@ -28,25 +28,9 @@ def _pack_mask_bytes(m, out, lo, hi):
         oo[full] = acc
 
 
-@jit()
-def _unpack_mask_bytes(buf, m, lo, hi):
-    bb = buf[lo:hi]
-    mm = m[8 * lo:min(8 * hi, m.shape[0])]
-    n = mm.shape[0]
-    full = n // 8
-    for i in range(full):
-        v = np.int64(bb[i])
-        for t in range(8):
-            mm[8 * i + t] = (v >> t) & 1 != 0
-    if full < bb.shape[0]:
-        v = np.int64(bb[full])
-        for t in range(n - 8 * full):
-            mm[8 * full + t] = (v >> t) & 1 != 0
-
-
 def _byte_blocks(kernel, a, b, nbytes):
     """``kernel(a, b, lo, hi)`` over the blocks ``[lo, hi)`` of :data:`_BLOCK` bytes of a
-    bitmask of ``nbytes`` bytes (the pack and the unpack kernel)."""
+    bitmask of ``nbytes`` bytes."""
     nb = (nbytes + _BLOCK - 1) // _BLOCK
     for blk in prange(nb):
         lo = blk * _BLOCK
@@ -87,9 +71,8 @@ def unpack_mask(buf, n):
                          f"{(n + 7) // 8}")
     if n % 8 and int(bb[-1]) >> (n % 8):
         raise ValueError(f"{fn}: padding bits after entry {n} are set (corrupt buffer)")
-    m = np.empty(n, dtype=np.bool_)
-    (_byte_blocks_par if _use_parallel(n) else _byte_blocks)(_unpack_mask_bytes, bb, m,
-                                                            bb.shape[0])
+    # NumPy's table-driven unpack: 0/1 bytes, which are the bools' bytes
+    m = np.unpackbits(bb, count=n, bitorder="little").view(np.bool_)
     return m
 
 
