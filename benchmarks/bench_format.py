@@ -208,7 +208,7 @@ def cli_throughput(folder, copies=2, repeat=3):
     with contextlib.redirect_stdout(io.StringIO()):
         for fn in runs.values():  # compile the kernels, warm the page cache
             fn()
-        got = {k: min(_timed(fn) for _ in range(repeat)) for k, fn in runs.items()}
+        got = {k: min(_wall_and_cpu(fn) for _ in range(repeat)) for k, fn in runs.items()}
     t = {k: v[0] for k, v in got.items()}
     rows = [{"step": k, "s": v, "GB/s": nbytes / v / 1e9,
              "per raw write": v / t["raw write (baseline)"], "cpu s": got[k][1],
@@ -217,7 +217,7 @@ def cli_throughput(folder, copies=2, repeat=3):
             "statistic": "best of repeat", "rows": rows}
 
 
-def _timed(fn):
+def _wall_and_cpu(fn):
     """(wall seconds, CPU seconds of this process) of ``fn()``."""
     t, c = time.perf_counter(), time.process_time()
     fn()
