@@ -103,23 +103,15 @@ def bench_budget(archs, repeat):
         n = sum(v.size for v in w.values())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # all-pruned layers at sparsity 0.9
-            t_sp = best_of(lambda: plan(w, sparsity=0.9, bits=4), repeat)
+            t_sp = timeit(lambda: plan(w, sparsity=0.9, bits=4), repeat=repeat, warmup=0, best=True)
             for rate in (20.0, 100.0):
                 out = []
-                t_b = best_of(lambda: out.append(plan(w, rate=rate)), max(2, repeat // 2))
+                t_b = timeit(lambda: out.append(plan(w, rate=rate)),
+                             repeat=max(2, repeat // 2), warmup=0, best=True)
                 rows.append({"model": arch, "weights": n, "layers": len(w), "rate": rate,
                              "sparsity ms": t_sp * 1e3, "budget ms": t_b * 1e3,
                              "budget / sparsity": t_b / t_sp, "paper_rate": out[-1].paper_rate})
     return rows
-
-
-def best_of(fn, repeat):
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import opq_core  # noqa: E402
 from opq_core.synthetic import laplace_weights  # noqa: E402
 from opq_core._codec import _symbols  # noqa: E402
 from opq_core.format import compress_weights, read_opq, write_opq  # noqa: E402
+from opq_core.io import atomic_write  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -170,13 +171,95 @@ def peak_rss_plan(total_bytes, folder):
             os.unlink(path)
 
 
+def cli_throughput(folder, copies=2, repeat=3):
+    """``opq decompress`` (to .safetensors) and ``opq inspect --verify`` on a synthetic
+    model of ``copies`` x ResNet-50's weights (sparsity 0.5, 4 bits, entropy layout): float32
+    bytes of output per second, against writing the same dense tensors from memory with
+    the same safetensors writer (raw write) in the same run; and the decode alone."""
+    from opq_cli.main import main as cli
+    from opq_core import plan as make_plan
+    from opq_core.format import OpqStream
+    from opq_core._shards import write_safetensors_stream
+    w = {}
+    for k in range(copies):
+        w.update({f"{name}.{k}": v for name, v in laplace_weights("resnet50", seed=k).items()})
+    nbytes = sum(v.nbytes for v in w.values())
+    p = make_plan(w, sparsity=0.5, bits=4)
+    src = os.path.join(folder, "cli.opq")
+    write_opq(src, p, w)
+    dense = read_opq(src).weights
+    del w
+    out = os.path.join(folder, "cli_out.safetensors")
+    specs = [(n, a.shape, "float32") for n, a in dense.items()]
+
+    def raw():
+        write_safetensors_stream(out, specs, dense.__getitem__)
+
+    def decode():
+        with OpqStream(src) as st:
+            for n in st.names:
+                st.tensor(n)
+
+    runs = {"raw write (baseline)": raw, "decode only": decode,
+            "opq decompress": lambda: cli(["decompress", src, "-o", out, "-q"]),
+            "opq inspect --verify": lambda: cli(["inspect", "--verify", "--json", src])}
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        for fn in runs.values():  # compile the kernels, warm the page cache
+            fn()
+        got = {k: min(_wall_and_cpu(fn) for _ in range(repeat)) for k, fn in runs.items()}
+    t = {k: v[0] for k, v in got.items()}
+    rows = [{"step": k, "s": v, "GB/s": nbytes / v / 1e9,
+             "per raw write": v / t["raw write (baseline)"], "cpu s": got[k][1],
+             "GB per cpu s": nbytes / got[k][1] / 1e9} for k, v in t.items()]
+    return {"float32_bytes": nbytes, "file_bytes": os.path.getsize(src), "repeat": repeat,
+            "statistic": "best of repeat", "rows": rows}
+
+
+def _wall_and_cpu(fn):
+    """(wall seconds, CPU seconds of this process) of ``fn()``."""
+    t, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def main_cli(args):
+    load0 = os.getloadavg()
+    with tempfile.TemporaryDirectory(dir=HERE) as folder:
+        res = cli_throughput(folder, copies=1 if args.quick else 2)
+    res.update(loadavg_before=load0, loadavg_after=os.getloadavg(), machine=machine())
+    name = "bench_format.cli" + (".quick" if args.quick else "")
+    md = [f"### {name}: opq decompress / inspect --verify throughput", "",
+          f"Synthetic ResNet-50-shaped weights, {res['float32_bytes'] / 1e6:.0f} MB of float32 "
+          f"({res['file_bytes'] / 1e6:.1f} MB .opq, sparsity 0.5, 4 bits, entropy layout); "
+          f"best of {res['repeat']}, in-process, output to the page cache; load average "
+          f"{res['loadavg_before'][0]:.1f} before, {res['loadavg_after'][0]:.1f} after (the "
+          "machine was shared). GB/s = float32 bytes / wall second; `cpu s` = this process's "
+          "CPU time in the same (best wall) run, which other processes inflate less.", "",
+          markdown_table(res["rows"], ["step", "s", "GB/s", "per raw write", "cpu s",
+                                       "GB per cpu s"])]
+    text = json.dumps(res, indent=1, default=float)
+    os.makedirs(args.out, exist_ok=True)
+    atomic_write(os.path.join(args.out, name + ".json"), lambda f: f.write(text + "\n"), mode="w")
+    atomic_write(os.path.join(args.out, name + ".md"), lambda f: f.write("\n".join(md) + "\n"),
+                 mode="w")
+    print(text)
+    print("\n".join(md))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
                     help="MobileNet-V1, sparsity 0.9 x bits 4, a 256 MB file for the RSS")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS measurement")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder")
+    ap.add_argument("--cli", action="store_true",
+                    help="only the opq decompress / inspect --verify throughput "
+                         "(bench_format.cli.json / .md)")
     args = ap.parse_args(argv)
+    if args.cli:
+        return main_cli(args)
     if args.quick:
         arch, sps, bitss, repeat, big = "mobilenet_v1", [0.9], [4], 1, 256 << 20
     else:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -34,7 +33,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, os.pardir, "tests"))
-from _common import machine, markdown_table  # noqa: E402
+from _common import machine, markdown_table, timeit  # noqa: E402
 
 import numba  # noqa: E402
 
@@ -63,14 +62,11 @@ def _copy_rows(x, o):
 
 
 def median_time(fn, repeat, warmup=1):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return timeit(fn, repeat=repeat, warmup=warmup)
+
+
+def best_time(fn, repeat, warmup=1):
+    return timeit(fn, repeat=repeat, warmup=warmup, best=True)
 
 
 def problem(shape, seed=0):
@@ -161,34 +157,6 @@ def bench_shape(label, shape, bits_list, repeat, use_torch, use_ref, rows):
                      per_copy=t / t_copy))
 
 
-def best_time(fn, repeat, warmup=1):
-    """Best (smallest) wall time of ``repeat`` runs: on a shared machine the other
-    processes only ever add time, so the minimum is the least noisy estimate."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
-
-
-def peak_extra_bytes(fn):
-    """Peak bytes torch's CPU allocator held during ``fn()`` above the level before it
-    (torch.profiler with ``profile_memory=True``: every allocation and free in order)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak
-
-
 def _float64_formula(w, mask, scale, threshold, step, bits):
     """The torch-ops formula as it was before the blocks (whole-tensor float64), for the
     memory comparison only."""
@@ -211,6 +179,7 @@ def bench_adapter(shape, repeat, rows):
     float32 layer, against a parallel copy, torch's fake-quant + mask, and itself with one
     thread; the torch-ops (non-CPU) formula's time and peak extra memory on the CPU."""
     from opq_torch import _buffers, ste
+    from torch_memory import peak_extra_bytes
     w, m, s, th, g = problem(shape)
     c = shape[0]
     bits, d = 4, STEP[4]
@@ -237,9 +206,19 @@ def bench_adapter(shape, repeat, rows):
     def tq():
         return torch.fake_quantize_per_channel_affine(wt.detach(), sc, zp, 0, -8, 7) * mf
 
+    ob = np.empty_like(w)
+    og = np.empty_like(g)
+
+    def kfwd():  # the bare kernels on the same arrays, into held outputs
+        return K.fake_quant(w, m, s, th, d, bits, out=ob)
+
+    def kbwd():
+        return K.ste_backward(g, m, out=og)
+
     label = f"{w.size / 1e6:.1f}M {shape}"
     t = {}
-    for name, fn in (("copy", copy), ("forward", fwd), ("backward", bwd), ("torch", tq)):
+    for name, fn in (("copy", copy), ("kernel forward", kfwd), ("forward", fwd),
+                     ("kernel backward", kbwd), ("backward", bwd), ("torch", tq)):
         t[name] = best_time(fn, repeat)
     old = ste.KERNEL_THREADS
     try:
@@ -253,15 +232,17 @@ def bench_adapter(shape, repeat, rows):
     t["torch-ops formula"] = best_time(
         lambda: ste.fake_quant_torch(wt.detach(), mt, st, tht, d, bits), max(2, repeat // 3))
     wd = wt.detach()
-    peak_new = peak_extra_bytes(lambda: ste.fake_quant_torch(wd, mt, st, tht, d, bits))
-    peak_old = peak_extra_bytes(lambda: _float64_formula(wd, mt, st, tht, d, bits))
-    for op in ("forward", "backward", "forward 1 thread", "forward fresh output", "torch",
-               "torch-ops formula"):
+    peak_new = peak_extra_bytes(lambda: ste.fake_quant_torch(wd, mt, st, tht, d, bits))[0]
+    peak_old = peak_extra_bytes(lambda: _float64_formula(wd, mt, st, tht, d, bits))[0]
+    for op in ("kernel forward", "forward", "kernel backward", "backward", "forward 1 thread",
+               "forward fresh output", "torch", "torch-ops formula"):
         rows.append(dict(shape=label, op=f"adapter: {op}", ms=t[op] * 1e3,
                          per_copy=t[op] / t["copy"], threads=ste.kernel_threads(w.size)))
     summary = {
         "forward_per_copy": t["forward"] / t["copy"],
         "backward_per_copy": t["backward"] / t["copy"],
+        "forward_per_kernel": t["forward"] / t["kernel forward"],
+        "backward_per_kernel": t["backward"] / t["kernel backward"],
         "torch_fakequant_per_opq_forward": t["torch"] / t["forward"],
         "torch_ops_formula_per_opq_forward": t["torch-ops formula"] / t["forward"],
         "torch_ops_peak_extra_per_weight_bytes": peak_new / w.nbytes,
@@ -431,6 +412,9 @@ def main_adapter(args):
            f"(the whole-tensor float64 formula it replaces: "
            f"{summary['old_float64_formula_peak_extra_per_weight_bytes']:.1f}x); its time "
            f"{summary['torch_ops_formula_per_opq_forward']:.1f}x opq's forward.", "",
+           f"Adapter overhead over the bare kernels on the same arrays: forward "
+           f"{summary['forward_per_kernel']:.2f}x, backward "
+           f"{summary['backward_per_kernel']:.2f}x the kernel's time.", "",
            "Thread rule (adapter forward, all threads / one thread, best of "
            f"{3 * repeat}; below 1 = more threads faster):", "",
            markdown_table(summary["thread_sweep"],

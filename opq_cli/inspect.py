@@ -41,8 +41,9 @@ def cmd_inspect(args):
                 from tqdm import tqdm
                 names = tqdm(names, desc="verify", unit="layer", leave=False)
             for name in names:
-                # a kept weight never decodes to 0: the mask is where the weights are nonzero
-                costs[name] = mask_coding_cost(s.tensor(name) != 0)
+                # the blob decoded and checked in full; its mask is where the weights are
+                # nonzero (a kept weight never decodes to 0), without dequantizing them
+                costs[name] = mask_coding_cost(s.layer_codes(name)[0])
     else:
         f = read_opq(args.file, decode=False)
     rates = input_rates(f)

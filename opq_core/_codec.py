@@ -310,11 +310,10 @@ def _decode_layer_blob(lp, blob: bytes, info: Mapping, want_codes=True):
         if not want_codes:
             return mask, None
         cc = info["codes"]
-        codes = np.zeros(lp.shape, dtype=_code_dtype(lp))
         if cc == "none":
             if kept:
                 raise OpqFormatError(f"{what}: no codes stored but {kept} kept")
-            return mask, codes
+            return mask, np.zeros(lp.shape, dtype=_code_dtype(lp))
         nsym = 1 << lp.bits
         if cc == "entropy":
             table = _read_varints(part["model"], nsym, what)
@@ -330,9 +329,10 @@ def _decode_layer_blob(lp, blob: bytes, info: Mapping, want_codes=True):
         if _is_codebook(lp):
             if sym.size and int(sym.max()) >= len(lp.codebook):
                 raise OpqFormatError(f"{what}: a code is beyond the codebook (corrupt file)")
+            codes = np.zeros(lp.shape, dtype=_code_dtype(lp))
             codes[mask] = sym.astype(np.int16) + 1
         else:
-            codes[mask] = symbols_to_codes(sym, lp.bits)
+            codes = symbols_to_codes(sym, lp.bits, mask=mask)
         return mask, codes
     except OpqFormatError:
         raise

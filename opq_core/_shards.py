@@ -79,12 +79,13 @@ def write_safetensors_stream(path, specs, produce, *, max_shard_bytes=None,
                 if tuple(a.shape) != tuple(shape):
                     raise ValueError(f"tensor {name!r}: produced shape {a.shape}, declared {shape}")
                 if dt == "bfloat16":
-                    data = _to_bf16_bits(a).astype("<u2").tobytes()
+                    data = _to_bf16_bits(a).astype("<u2")
                 else:
                     want = np.dtype(dt)
                     data = np.ascontiguousarray(a, dtype=want.newbyteorder("<")
-                                                if want.itemsize > 1 else want).tobytes()
-                f.write(data)
+                                                if want.itemsize > 1 else want)
+                # the array's own bytes, without the copy of tobytes()
+                f.write(data.reshape(-1).view(np.uint8))
                 del a, data
                 if bar is not None:
                     bar.update(1)

@@ -489,19 +489,24 @@ class OpqStream:
         e = self._header[name]
         return tuple(e["shape"]), np.dtype(_NP_DTYPES[e["dtype"]])
 
+    def layer_codes(self, name) -> tuple:
+        """``(mask, codes)`` of a compressed layer, its blob decoded and checked in full
+        (what :meth:`tensor` dequantizes; ``opq inspect --verify`` needs no more)."""
+        lp = self.plan[name]
+        blob = _entry_bytes(self._path, self._fb, self._header, self._start,
+                            _PREFIX + name, name)
+        try:
+            return _decode_layer_blob(lp, blob, self._infos[name])
+        except (OpqFormatError, ValueError) as exc:
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise _bad(self._path, text, layer=name) from None
+
     def tensor(self, name) -> np.ndarray:
         """A compressed layer's dense weights (in the stored tensor's layout, see
         ``LayerPlan.channel_axis``), or another tensor as it was written."""
         if name in self._infos:
             lp = self.plan[name]
-            blob = _entry_bytes(self._path, self._fb, self._header, self._start,
-                                _PREFIX + name, name)
-            try:
-                _, codes = _decode_layer_blob(lp, blob, self._infos[name])
-            except (OpqFormatError, ValueError) as exc:
-                text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise _bad(self._path, text, layer=name) from None
-            return np.ascontiguousarray(lp.to_stored(decode_layer(lp, codes)))
+            return np.ascontiguousarray(lp.to_stored(decode_layer(lp, self.layer_codes(name)[1])))
         if name not in self.file.other_names:
             raise KeyError(name)
         e = self._header[name]

@@ -305,6 +305,30 @@ def test_pack_bits_and_symbols(bits, n, seed):
 
 
 @S.examples(60)
+@given(bits=st.integers(1, 8), shape=st.sampled_from([(0,), (1,), (7, 9), (3, 4, 5)]),
+       density=st.floats(0.0, 1.0), seed=st.integers(0, 2 ** 32 - 1))
+def test_symbols_to_codes_with_a_mask_scatters_in_one_pass(bits, shape, density, seed):
+    rng = np.random.default_rng(seed)
+    m = rng.random(shape) < density
+    sym = rng.integers(0, 2 ** bits, size=int(m.sum())).astype(np.uint8)
+    want = np.zeros(shape, code_dtype(bits))
+    want[m] = [ref.code_of_symbol(s, bits) for s in sym]
+    got = K.symbols_to_codes(sym, bits, mask=m)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    same(got, want)
+    with pytest.raises(ValueError, match="sym holds"):
+        K.symbols_to_codes(np.append(sym, np.uint8(0)), bits, mask=m)
+    if sym.size:
+        with pytest.raises(ValueError, match="sym holds"):
+            K.symbols_to_codes(sym[1:], bits, mask=m)
+        if bits < 8:
+            bad = sym.copy()
+            bad[-1] = 1 << bits
+            with pytest.raises(ValueError, match="does not fit"):
+                K.symbols_to_codes(bad, bits, mask=m)
+
+
+@S.examples(60)
 @given(m=S.masks())
 def test_mask_codes_round_trip_and_cost(m):
     bm = K.pack_mask(m)

@@ -8,6 +8,7 @@ import torch
 
 from opq_core import kernels
 from opq_torch import _buffers, ste
+from torch_memory import peak_extra_bytes
 
 
 def _case(seed, shape, dtype=torch.float32):
@@ -154,22 +155,42 @@ def test_blocked_codebook_formula_equals_the_kernel(monkeypatch):
                        ste.fake_quant_codebook_ste(w, m, cb))
 
 
-def _peak_extra_bytes(fn):
-    """Peak bytes torch's CPU allocator held during ``fn()`` above what it held before."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak, len(events)
-
-
 def test_torch_formula_peak_memory_is_under_twice_the_weight():
     w, m, s, th = _case(4, (2048, 2048))
-    peak, n_events = _peak_extra_bytes(lambda: ste.fake_quant_torch(w, m, s, th, 0.5, 4))
+    peak, n_events = peak_extra_bytes(lambda: ste.fake_quant_torch(w, m, s, th, 0.5, 4))
     assert n_events > 0  # the profiler saw the allocations
     assert w.nbytes <= peak <= 2 * w.nbytes  # the output, plus small blocks
+
+
+def test_two_forwards_before_one_backward_keep_their_saved_tensors():
+    """A layer used twice in one graph (weight sharing, two micro-batches before one
+    backward): the second forward must not write into the first one's output while the
+    graph holds it, and the gradient is the sum of both straight-through gradients."""
+    _buffers.clear()
+    shape = (128, 1024)  # above the pool's size floor: outputs come from the pool
+    w, m, s, th = _case(5, shape)
+    p = w.clone().requires_grad_(True)
+    x1 = torch.randn(3, shape[1], generator=torch.Generator().manual_seed(2))
+    x2 = torch.randn(3, shape[1], generator=torch.Generator().manual_seed(3))
+    want_w = _kernel(w, m, s, th, 0.5, 4)
+    y1 = ste.fake_quant_ste(p, m, s, th, 0.5, 4)
+    out1 = x1 @ y1.t()  # autograd saves y1 for the gradient of x1 (and x1 for y1's)
+    del y1  # only the graph holds the first output now
+    y2 = ste.fake_quant_ste(p, m, s, th, 0.5, 4)
+    out2 = x2 @ y2.t()
+    del y2
+    x1.requires_grad_(False)
+    (out1.sum() + 2.0 * out2.sum()).backward()
+    g_out = torch.ones(3, shape[0])
+    want_grad = torch.where(m, g_out.t() @ x1 + 2.0 * (g_out.t() @ x2), 0.0)
+    assert torch.allclose(p.grad, want_grad, rtol=1e-5, atol=1e-5)
+    # the values the graph used were the quantized weights, not a later overwrite
+    a = torch.randn(3, shape[1], requires_grad=True)
+    y3 = ste.fake_quant_ste(p, m, s, th, 0.5, 4)
+    out3 = a @ y3.t()
+    del y3
+    for _ in range(_buffers.PER_KEY + 1):  # more forwards of the same shape meanwhile
+        ste.fake_quant_ste(p.detach() * 3.0, m, s, th, 0.5, 4)
+    out3.sum().backward()
+    assert torch.allclose(a.grad, torch.ones(3, shape[0]) @ want_w, rtol=1e-6, atol=1e-6)
+    _buffers.clear()

@@ -28,42 +28,16 @@ def _pack_mask_bytes(m, out, lo, hi):
         oo[full] = acc
 
 
-def _pack_mask(m, out):
-    nbytes = out.shape[0]
+def _byte_blocks(kernel, a, b, nbytes):
+    """``kernel(a, b, lo, hi)`` over the blocks ``[lo, hi)`` of :data:`_BLOCK` bytes of a
+    bitmask of ``nbytes`` bytes."""
     nb = (nbytes + _BLOCK - 1) // _BLOCK
-    for b in prange(nb):
-        lo = b * _BLOCK
-        _pack_mask_bytes(m, out, lo, min(lo + _BLOCK, nbytes))
+    for blk in prange(nb):
+        lo = blk * _BLOCK
+        kernel(a, b, lo, min(lo + _BLOCK, nbytes))
 
 
-_pack_mask, _pack_mask_par = twins(_pack_mask)
-
-
-@jit()
-def _unpack_mask_bytes(buf, m, lo, hi):
-    bb = buf[lo:hi]
-    mm = m[8 * lo:min(8 * hi, m.shape[0])]
-    n = mm.shape[0]
-    full = n // 8
-    for i in range(full):
-        v = np.int64(bb[i])
-        for t in range(8):
-            mm[8 * i + t] = (v >> t) & 1 != 0
-    if full < bb.shape[0]:
-        v = np.int64(bb[full])
-        for t in range(n - 8 * full):
-            mm[8 * full + t] = (v >> t) & 1 != 0
-
-
-def _unpack_mask(buf, m):
-    nbytes = buf.shape[0]
-    nb = (nbytes + _BLOCK - 1) // _BLOCK
-    for b in prange(nb):
-        lo = b * _BLOCK
-        _unpack_mask_bytes(buf, m, lo, min(lo + _BLOCK, nbytes))
-
-
-_unpack_mask, _unpack_mask_par = twins(_unpack_mask)
+_byte_blocks, _byte_blocks_par = twins(_byte_blocks)
 
 
 def pack_mask(mask):
@@ -76,7 +50,8 @@ def pack_mask(mask):
     fn = "pack_mask"
     m = _check_bool(fn, "mask", mask, None).reshape(-1)
     out = np.empty((m.size + 7) // 8, dtype=np.uint8)
-    (_pack_mask_par if _use_parallel(m.size) else _pack_mask)(m, out)
+    (_byte_blocks_par if _use_parallel(m.size) else _byte_blocks)(_pack_mask_bytes, m, out,
+                                                                 out.shape[0])
     return out
 
 
@@ -96,8 +71,8 @@ def unpack_mask(buf, n):
                          f"{(n + 7) // 8}")
     if n % 8 and int(bb[-1]) >> (n % 8):
         raise ValueError(f"{fn}: padding bits after entry {n} are set (corrupt buffer)")
-    m = np.empty(n, dtype=np.bool_)
-    (_unpack_mask_par if _use_parallel(n) else _unpack_mask)(bb, m)
+    # NumPy's table-driven unpack: 0/1 bytes, which are the bools' bytes
+    m = np.unpackbits(bb, count=n, bitorder="little").view(np.bool_)
     return m
 
 
