@@ -263,7 +263,7 @@ def _analytic_lambda(ctx, qn, target):
         return -np.inf
 
     def f(lam):
-        return float(np.dot(fan, _pruned_per_channel(s, q, lam))) - goal
+        return _serial_dot(fan, _pruned_per_channel(s, q, lam)) - goal
 
     lo = -float(np.max(q)) if q.size else 0.0
     if f(lo) >= 0:
@@ -274,6 +274,23 @@ def _analytic_lambda(ctx, qn, target):
             break
         hi *= 2.0
     return optimize.brentq(f, lo, hi, xtol=1e-15 * hi, rtol=4 * np.finfo(float).eps, maxiter=500)
+
+#: Longest vector that OpenBLAS dots on one thread.
+_DOT_SERIAL = 10_000
+
+
+def _serial_dot(a, b) -> float:
+    """``np.dot(a, b)`` in pieces that BLAS dots on one thread: a multi-threaded dot of a
+    few ten thousand channels costs tens of ms on a loaded machine (waking the BLAS
+    threads), and its rounding depends on the thread count. Up to ``_DOT_SERIAL``
+    elements this is exactly ``np.dot``."""
+    if a.size <= _DOT_SERIAL:
+        return float(np.dot(a, b))
+    tot = 0.0
+    for i in range(0, a.size, _DOT_SERIAL):
+        tot += float(np.dot(a[i:i + _DOT_SERIAL], b[i:i + _DOT_SERIAL]))
+    return tot
+
 
 def _solve_sparsity(ctx: _Context, sparsity: float, bits: int):
     L = len(ctx.names)
