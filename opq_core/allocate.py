@@ -31,7 +31,7 @@ from ._solver import (_Context, _LazyList, _Reread, _build_layers, _channel_tabl
                       _layer_constants, _mean_threshold, _predicted_sparsity_lam,
                       _pruned_per_channel, _round_scales, _select_layers)
 from ._budget import _solve_budget
-from .select import select_global
+from .select import recount, select_global
 from ._importance import check_importance
 
 __all__ = ["LayerPlan", "Plan", "plan", "METHODS", "CHANNELWISE", "ERROR_MODELS"]
@@ -414,20 +414,29 @@ def _realize_sparsity(ctx: _Context, sparsity: float, score_q: np.ndarray):
     perr = np.zeros(L)
     ps2 = np.zeros(L)
     glam = -np.inf
+    band = {}  # layer -> its entry of the last selection's band pass
     while True:
         free = np.flatnonzero(~fixed)
         k_free = k - int(np.sum(sizes[fixed] - floors[fixed]))
         t0 = time.perf_counter()
-        sel = select_global([ws[i] for i in free], [qcs[i] for i in free],
-                            [s2s[i] for i in free], [deads[i] for i in free],
-                            max(k_free, 0), sizes=sizes[free])
+        # which layers fall below their floor: counted on the last band pass when it holds
+        # the new k-th score (the counts are exact; a round whose outcome stands, the
+        # last, always runs the selection itself)
+        pruned = recount([band[i] for i in free], max(k_free, 0)) if band else None
+        if pruned is None or not np.any(sizes[free] - pruned < floors[free]):
+            band = {}
+            sel = select_global([ws[i] for i in free], [qcs[i] for i in free],
+                                [s2s[i] for i in free], [deads[i] for i in free],
+                                max(k_free, 0), sizes=sizes[free], keep_band=True)
+            band = dict(zip(free.tolist(), sel.band)) if sel.band is not None else {}
+            pruned = sel.pruned
+            kept[free] = sizes[free] - sel.pruned
+            lams[free] = sel.lam
+            perr[free] = sel.pruning_error
+            ps2[free] = sel.pruned_s2
+            glam = sel.lam
         ctx.select_seconds += time.perf_counter() - t0
-        kept[free] = sizes[free] - sel.pruned
-        lams[free] = sel.lam
-        perr[free] = sel.pruning_error
-        ps2[free] = sel.pruned_s2
-        glam = sel.lam
-        low = free[kept[free] < floors[free]]
+        low = free[sizes[free] - pruned < floors[free]]
         if low.size == 0:
             break
         fixed[low] = True
