@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._jit import jit
+from ._jit import JIT_DISABLED, jit
 from . import error_model as em
 from .stats import HIST_BINS, HIST_RANGE
 
@@ -84,11 +84,30 @@ def _mixture_errors(P, inv_w, t_g, m_g, K, symmetric, steps, out_err, out_n):
         out_n[d] = n_tot
 
 
+@jit()
+def _running_sums(hist, P):
+    # the same additions, in the same order, as np.cumsum(hist, axis=0, out=P[1:])
+    for k in range(hist.shape[1]):
+        acc = hist[0, k]
+        P[1, k] = acc
+        for b in range(1, hist.shape[0]):
+            acc += hist[b, k]
+            P[b + 1, k] = acc
+
+
 def prefix(hist: np.ndarray) -> np.ndarray:
     """(bins + 1, 3) running sums of a (bins, 3) histogram."""
-    P = np.zeros((hist.shape[0] + 1, 3))
-    np.cumsum(hist, axis=0, out=P[1:])
+    hist = np.ascontiguousarray(hist, dtype=np.float64)
+    P = np.zeros((hist.shape[0] + 1, hist.shape[1]))
+    if JIT_DISABLED:  # the same sums, without a Python loop over the bins
+        np.cumsum(hist, axis=0, out=P[1:])
+    elif hist.shape[0]:
+        _running_sums(hist, P)
     return P
+
+
+#: The coarse step grid of :func:`fit_step`, relative to the Laplace step.
+_COARSE = np.geomspace(0.125, 8.0, 97)
 
 
 def threshold_groups(t: np.ndarray, weight=None, groups: int = GROUPS):
@@ -103,9 +122,18 @@ def threshold_groups(t: np.ndarray, weight=None, groups: int = GROUPS):
     if hi - lo <= 1e-12 * max(1.0, hi) or t.size <= 1:
         return np.array([lo]), np.ones(1)
     order = np.argsort(t, kind="stable")
-    parts = np.array_split(order, min(groups, t.size))
-    mass = np.array([wt[p].sum() for p in parts])
-    rep = np.array([np.dot(t[p], wt[p]) / max(wt[p].sum(), 1e-300) for p in parts])
+    ts, ws = t[order], wt[order]
+    # the sections of np.array_split(order, g): the first n % g one longer
+    g = min(groups, t.size)
+    each, extra = divmod(t.size, g)
+    ends = np.cumsum([each + 1] * extra + [each] * (g - extra)).tolist()
+    mass = np.empty(g)
+    rep = np.empty(g)
+    a = 0
+    for i, b in enumerate(ends):
+        mass[i] = ws[a:b].sum()
+        rep[i] = np.dot(ts[a:b], ws[a:b]) / max(mass[i], 1e-300)
+        a = b
     tot = mass.sum()
     return rep, (mass / tot if tot > 0 else np.full(mass.size, 1.0 / mass.size))
 
@@ -128,7 +156,7 @@ def fit_step(P, bits: int, grid: str, t, weight=None) -> tuple[float, float]:
     t_g, m_g = threshold_groups(t, weight)
     t_mean = float(np.dot(t_g, m_g))
     d_lap = em.optimal_step(bits, grid, t_mean if grid == "symmetric" else 0.0)
-    coarse = d_lap * np.geomspace(0.125, 8.0, 97)
+    coarse = d_lap * _COARSE
     err, n = mixture_error(P, bits, grid, t_g, m_g, np.concatenate([[d_lap], coarse]))
     kept = float(n[0])
     if not kept > 0:

@@ -31,7 +31,7 @@ from ._solver import (_Context, _LazyList, _Reread, _build_layers, _channel_tabl
                       _layer_constants, _mean_threshold, _predicted_sparsity_lam,
                       _pruned_per_channel, _round_scales, _select_layers)
 from ._budget import _solve_budget
-from .select import select_global
+from .select import recount, select_global
 from ._importance import check_importance
 
 __all__ = ["LayerPlan", "Plan", "plan", "METHODS", "CHANNELWISE", "ERROR_MODELS", "GRID_CHOICES"]
@@ -313,7 +313,7 @@ def _analytic_lambda(ctx, qn, target):
         return -np.inf
 
     def f(lam):
-        return float(np.dot(fan, _pruned_per_channel(s, q, lam))) - goal
+        return _serial_dot(fan, _pruned_per_channel(s, q, lam)) - goal
 
     lo = -float(np.max(q)) if q.size else 0.0
     if f(lo) >= 0:
@@ -324,6 +324,23 @@ def _analytic_lambda(ctx, qn, target):
             break
         hi *= 2.0
     return optimize.brentq(f, lo, hi, xtol=1e-15 * hi, rtol=4 * np.finfo(float).eps, maxiter=500)
+
+#: Longest vector that OpenBLAS dots on one thread.
+_DOT_SERIAL = 10_000
+
+
+def _serial_dot(a, b) -> float:
+    """``np.dot(a, b)`` in pieces that BLAS dots on one thread: a multi-threaded dot of a
+    few ten thousand channels costs tens of ms on a loaded machine (waking the BLAS
+    threads), and its rounding depends on the thread count. Up to ``_DOT_SERIAL``
+    elements this is exactly ``np.dot``."""
+    if a.size <= _DOT_SERIAL:
+        return float(np.dot(a, b))
+    tot = 0.0
+    for i in range(0, a.size, _DOT_SERIAL):
+        tot += float(np.dot(a[i:i + _DOT_SERIAL], b[i:i + _DOT_SERIAL]))
+    return tot
+
 
 def _solve_sparsity(ctx: _Context, sparsity: float, bits: int):
     L = len(ctx.names)
@@ -447,20 +464,29 @@ def _realize_sparsity(ctx: _Context, sparsity: float, score_q: np.ndarray):
     perr = np.zeros(L)
     ps2 = np.zeros(L)
     glam = -np.inf
+    band = {}  # layer -> its entry of the last selection's band pass
     while True:
         free = np.flatnonzero(~fixed)
         k_free = k - int(np.sum(sizes[fixed] - floors[fixed]))
         t0 = time.perf_counter()
-        sel = select_global([ws[i] for i in free], [qcs[i] for i in free],
-                            [s2s[i] for i in free], [deads[i] for i in free],
-                            max(k_free, 0), sizes=sizes[free])
+        # which layers fall below their floor: counted on the last band pass when it holds
+        # the new k-th score (the counts are exact; a round whose outcome stands, the
+        # last, always runs the selection itself)
+        pruned = recount([band[i] for i in free], max(k_free, 0)) if band else None
+        if pruned is None or not np.any(sizes[free] - pruned < floors[free]):
+            band = {}
+            sel = select_global([ws[i] for i in free], [qcs[i] for i in free],
+                                [s2s[i] for i in free], [deads[i] for i in free],
+                                max(k_free, 0), sizes=sizes[free], keep_band=True)
+            band = dict(zip(free.tolist(), sel.band)) if sel.band is not None else {}
+            pruned = sel.pruned
+            kept[free] = sizes[free] - sel.pruned
+            lams[free] = sel.lam
+            perr[free] = sel.pruning_error
+            ps2[free] = sel.pruned_s2
+            glam = sel.lam
         ctx.select_seconds += time.perf_counter() - t0
-        kept[free] = sizes[free] - sel.pruned
-        lams[free] = sel.lam
-        perr[free] = sel.pruning_error
-        ps2[free] = sel.pruned_s2
-        glam = sel.lam
-        low = free[kept[free] < floors[free]]
+        low = free[sizes[free] - pruned < floors[free]]
         if low.size == 0:
             break
         fixed[low] = True

@@ -26,7 +26,7 @@ import numpy as np
 from ._jit import jit, prange
 from .stats import as_matrix
 
-__all__ = ["Selection", "select_global", "sample_scores", "band_half_width"]
+__all__ = ["Selection", "select_global", "recount", "sample_scores", "band_half_width"]
 
 
 def band_half_width(n_samples: int, p: float, margin: float, widen: float = 1.0) -> float:
@@ -176,17 +176,19 @@ class Selection:
     pruning_error: np.ndarray  # sum of pruned w^2 per layer
     pruned_s2: np.ndarray      # sum of s_c^2 over pruned weights per layer
     passes: int           # passes over the weights made by the band search
+    #: the last band pass, one entry per layer (``keep_band=True``; see :func:`recount`)
+    band: list | None = None
 
 
 def select_global(weights, qcs, s2s, deads, k: int, *, sample_size: int | None = None,
-                  margin: float = 0.002, sizes=None) -> Selection:
+                  margin: float = 0.002, sizes=None, keep_band: bool = False) -> Selection:
     """Prune exactly ``k`` weights of smallest score over all layers (see module doc).
 
     ``weights``: a sequence of arrays (it may fetch each array on access: every array
     is used in turn and dropped, so a lazy sequence bounds memory); ``sizes``: their
     element counts when known (saves fetching them); ``qcs``: per-channel score offsets ``q_c`` (score =
     ``w^2 - q_c``); ``s2s``: per-channel ``s_c^2``; ``deads``: per-channel bool (score
-    ``-inf``).
+    ``-inf``). ``keep_band``: keep the last band pass in ``Selection.band``.
     """
     L = len(weights)
     if sizes is None:
@@ -218,8 +220,15 @@ def select_global(weights, qcs, s2s, deads, k: int, *, sample_size: int | None =
                for w, q, d, s in zip(weights, qcs, deads, sizes)]
     weights_s = np.concatenate([np.full(s.size, sz / max(s.size, 1)) for s, sz in zip(samples, sizes)])
     allsamp = np.concatenate(samples)
-    order = np.argsort(allsamp)
-    cum = np.cumsum(weights_s[order])  # estimated rank of each sample value
+    if weights_s.size and np.all(weights_s == weights_s[0]):
+        # every sample stands for as many weights (one layer): the ranks do not depend
+        # on the order, and sorting the values is enough
+        srt = np.sort(allsamp)
+        cum = np.cumsum(weights_s)
+    else:
+        order = np.argsort(allsamp)
+        srt = allsamp[order]
+        cum = np.cumsum(weights_s[order])  # estimated rank of each sample value
     p = k / N
     passes = 0
     widen = 1.0
@@ -230,8 +239,8 @@ def select_global(weights, qcs, s2s, deads, k: int, *, sample_size: int | None =
             m = band_half_width(allsamp.size, p, margin, widen) * N
             i_lo = int(np.searchsorted(cum, k - m, side="left")) - 1
             i_hi = int(np.searchsorted(cum, k + m, side="left")) + 1
-            lo = -math.inf if i_lo < 0 else float(allsamp[order[i_lo]])
-            hi = math.inf if i_hi >= allsamp.size else float(allsamp[order[i_hi]])
+            lo = -math.inf if i_lo < 0 else float(srt[i_lo])
+            hi = math.inf if i_hi >= allsamp.size else float(srt[i_hi])
         frac = min(1.0, 2.5 * widen * 2 * band_half_width(allsamp.size, p, margin))
         res = [_run_pass(w, q, s2, d, lo, hi, frac) for w, q, s2, d in zip(weights, qcs, s2s, deads)]
         passes += 1
@@ -242,11 +251,20 @@ def select_global(weights, qcs, s2s, deads, k: int, *, sample_size: int | None =
         if math.isinf(lo) and math.isinf(hi):  # pragma: no cover - cannot happen
             raise RuntimeError("selection failed with the full band")
         widen *= 8.0
-    # 3. exact selection among the candidates
+    v, pruned, perr, ps2 = _select_in_band(res, k, below)
+    return Selection(v, pruned, perr, ps2, passes, band=res if keep_band else None)
+
+
+def _select_in_band(res, k: int, below: int):
+    """Step 3: the exact selection among the candidates of the band passes ``res`` (the
+    k-th smallest score lies in the band): (lam, pruned, pruning error, pruned s^2)."""
+    L = len(res)
+    pruned = np.zeros(L, dtype=np.int64)
+    perr = np.zeros(L)
+    ps2 = np.zeros(L)
     cand = np.concatenate([r.score for r in res])
     need = k - below
     v = float(np.partition(cand, need - 1)[need - 1])
-    n_less = 0
     tie_budget = need - int(np.count_nonzero(cand < v))
     # ties: the later ones in network order are pruned first
     for i in range(L - 1, -1, -1):
@@ -263,10 +281,22 @@ def select_global(weights, qcs, s2s, deads, k: int, *, sample_size: int | None =
         pruned[i] = r.below + int(sel.sum())
         perr[i] = r.below_sq + float(r.sq[sel].sum())
         ps2[i] = r.below_s2 + float(r.s2[sel].sum())
-        n_less += int(less.sum())
     if int(pruned.sum()) != k:  # an internal invariant, not a user error
         raise RuntimeError(f"select_global: pruned {int(pruned.sum())} weights, wanted {k}")
-    return Selection(v, pruned, perr, ps2, passes)
+    return v, pruned, perr, ps2
+
+
+def recount(band, k: int):
+    """Pruned weights per layer when exactly ``k`` are pruned over the layers of ``band``
+    (a sequence of entries of ``Selection.band``, network order kept), or ``None`` when the
+    k-th smallest score lies outside that band (then a new selection is needed). The
+    counts are the ones :func:`select_global` gives on these layers alone (the selection
+    is unique, ties included); its sums may round differently, so they are not returned.
+    """
+    below = sum(r.below for r in band)
+    if not below < k <= below + sum(r.score.size for r in band):
+        return None
+    return _select_in_band(band, k, below)[1]
 
 
 def _select_dead(deads, s2s, sizes, n_dead, k: int) -> Selection:

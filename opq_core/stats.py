@@ -49,15 +49,22 @@ class LayerStats:
         return int(self.shape[0])
 
 
+@jit()
+def _abs_sum_row(xc):
+    """(sum of |w|, count of non-finite values) of one row, summed in order."""
+    acc = 0.0
+    bad = 0
+    for j in range(xc.shape[0]):
+        v = np.float64(xc[j])
+        if not np.isfinite(v):
+            bad += 1
+        acc += abs(v)
+    return acc, bad
+
+
 def _abs_sum_rows(x, out_sum, out_bad):
     for c in prange(x.shape[0]):
-        acc = 0.0
-        bad = 0
-        for j in range(x.shape[1]):
-            v = np.float64(x[c, j])
-            if not np.isfinite(v):
-                bad += 1
-            acc += abs(v)
+        acc, bad = _abs_sum_row(x[c])
         out_sum[c] = acc
         out_bad[c] = bad
 
@@ -98,13 +105,7 @@ def _abs_sum_hist_rows(x, rows_per_chunk, inv_w, out_sum, out_bad, hist):
         r0 = ch * rows_per_chunk
         r1 = min(C, r0 + rows_per_chunk)
         for c in range(r0, r1):
-            acc = 0.0
-            bad = 0
-            for j in range(fan):
-                v = np.float64(x[c, j])
-                if not np.isfinite(v):
-                    bad += 1
-                acc += abs(v)
+            acc, bad = _abs_sum_row(x[c])
             out_sum[c] = acc
             out_bad[c] = bad
             if bad > 0 or acc <= 0.0:

@@ -162,6 +162,18 @@ def test_histogram_is_the_statistics_pass():
     np.testing.assert_allclose(h, h2, rtol=1e-12, atol=1e-300)
 
 
+def test_prefix_is_the_running_sum_bit_for_bit():
+    # the fit's running sums are np.cumsum's additions in np.cumsum's order
+    rng = np.random.default_rng(1)
+    h = rng.laplace(size=(8192, 3)) ** 2 * 10.0 ** rng.uniform(-8, 4, size=(8192, 1))
+    P = _fit.prefix(h)
+    assert P.shape == (8193, 3) and not P[0].any()
+    assert np.array_equal(P[1:], np.cumsum(h, axis=0))
+    w = rng.laplace(size=(33, 500)).astype(np.float32)
+    hs = layer_stats("w", w, histogram=True).histogram
+    assert np.array_equal(_fit.prefix(hs)[1:], np.cumsum(hs, axis=0))
+
+
 @pytest.mark.parametrize("mode", [dict(sparsity=0.999, bits=4), dict(rate=2000),
                                   dict(sparsity=0.99, method="uniform")])
 @pytest.mark.parametrize("min_density", [0.002, 0.01, 0.05])

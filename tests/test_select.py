@@ -1,10 +1,10 @@
 """The one-pass exact-count selection against a full sort."""
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from opq_core.select import select_global
+from opq_core.select import recount, select_global
 
 
 def oracle(ws, qcs, s2s, deads, k):
@@ -92,3 +92,29 @@ def test_k_out_of_range():
     s = np.ones(2)
     with pytest.raises(ValueError, match="cannot prune 5 of 4"):
         select_global([w], [s], [s], [s <= 0], 5)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**31), L=st.integers(2, 5), frac=st.floats(0.05, 0.95),
+       shift=st.integers(-400, 400), ties=st.booleans(), dead=st.booleans())
+def test_recount_on_a_subset_equals_the_selection(seed, L, frac, shift, ties, dead):
+    """The counts of a subset of the layers, taken from a kept band pass, are those of a
+    selection over that subset alone (the plan's floor rounds rely on it)."""
+    rng = np.random.default_rng(seed)
+    ws, qcs, s2s, deads = problem(rng, L, ties, dead)
+    N = sum(w.size for w in ws)
+    sel = select_global(ws, qcs, s2s, deads, int(round(frac * N)), keep_band=True)
+    assume(sel.band is not None)  # no band pass when only all-zero channels are pruned
+    drop = int(rng.integers(L))
+    keep = [i for i in range(L) if i != drop]
+    sub = [ws[i] for i in keep], [qcs[i] for i in keep], [s2s[i] for i in keep], \
+        [deads[i] for i in keep]
+    k = int(sel.pruned[keep].sum()) + shift
+    k = min(max(k, 0), sum(w.size for w in sub[0]))
+    got = recount([sel.band[i] for i in keep], k)
+    _, want, *_ = oracle(*sub, k)
+    if got is not None:
+        assert np.array_equal(got, want)
+    else:  # the k-th smallest score of the subset lies outside the band
+        below = sum(sel.band[i].below for i in keep)
+        assert not below < k <= below + sum(sel.band[i].score.size for i in keep)
