@@ -117,15 +117,7 @@ def _values_at(neg_all, pre_all, start, size, bits, t, out):
     for i in range(L):
         for j in range(nb):
             lo = start[i, j]
-            hi = lo + size[i, j]
-            v = -t * bits[j]
-            while lo < hi:
-                mid = (lo + hi) >> 1
-                if neg_all[mid] < v:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            c = lo - start[i, j]
+            c = np.searchsorted(neg_all[lo:lo + size[i, j]], -t * bits[j])
             out[i, j] = -pre_all[start[i, j] + i * nb + j + c] + t * bits[j] * c
 
 

@@ -337,7 +337,7 @@ def _check_layer(path, fb, header, start, ld, info, layout):
         if ld.get("rule_mask", False) is not False:
             raise _bad(path, f"rule_mask on a {grid!r} grid", name, "rule_mask")
         if kept:
-            from .allocate import channel_thresholds
+            from ._plan import channel_thresholds
             ks = np.where(scale > 0, scale, 1.0)
             with np.errstate(over="ignore", invalid="ignore"):
                 top = channel_thresholds(lam, score_q, scale) + ks * step * float(1 << bits)

@@ -90,11 +90,12 @@ def _fixed_bytes(other) -> int:
     return total
 
 
-def plan_for_size(weights, size_bytes, *, layout="entropy", other=None, metadata=None,
-                  finish=None, **kw):
+def plan_for_size(weights, size_bytes, *, planner, layout="entropy", other=None,
+                  metadata=None, finish=None, **kw):
     """The plan whose written ``.opq`` file is the largest found that fits in ``size_bytes``.
 
-    ``kw`` are the keyword arguments of :func:`opq_core.plan` other than the target;
+    ``planner`` is :func:`opq_core.plan` (passed in: this module sits below it) and ``kw``
+    its keyword arguments other than the target;
     ``other`` (default: the tensors of ``weights`` the plan does not compress), ``layout``
     and ``metadata`` are those the file will be written with (:func:`opq_core.write_opq`);
     ``finish`` (private) maps every trial plan to the plan that will be written (the
@@ -102,7 +103,6 @@ def plan_for_size(weights, size_bytes, *, layout="entropy", other=None, metadata
     the smallest size when even the smallest plan (every layer at its floor of kept
     weights, the narrowest width) does not fit.
     """
-    from .allocate import plan
     from .format import LAYOUTS, opq_file_bytes
     from .io import tensor_info
     from ._solver import _select_layers
@@ -132,7 +132,7 @@ def plan_for_size(weights, size_bytes, *, layout="entropy", other=None, metadata
             return trials[S]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            p = plan(weights, budget_bits=S, **kw)
+            p = planner(weights, budget_bits=S, **kw)
         if p.status == 2:  # below the smallest feasible budget in bits
             trials[S] = (p, None, caught)
             return trials[S]

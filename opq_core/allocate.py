@@ -173,7 +173,8 @@ def plan(weights: Mapping, *, sparsity: float | None = None, bits=_UNSET,
                   exclude=exclude, min_density=min_density, importance=importance)
         if bits is not _UNSET:
             kw["bits"] = bits
-        return plan_for_size(weights, size_bytes, layout="entropy" if layout is None else layout,
+        return plan_for_size(weights, size_bytes, planner=plan,
+                             layout="entropy" if layout is None else layout,
                              other=other, metadata=metadata, **kw)
     for arg, v in (("layout", layout), ("other", other), ("metadata", metadata)):
         if v is not None:

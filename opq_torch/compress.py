@@ -329,7 +329,8 @@ def _prepare(model, plan=None, *, fn, sparsity=None, bits=4, rate=None, budget_b
             from opq_core._size import plan_for_size
             from .io import _other_tensors
             other = {k: v for k, v in _other_tensors(model).items() if k not in weights}
-            plan = plan_for_size(weights, size_bytes, layout=layout, other=other, finish=finish,
+            plan = plan_for_size(weights, size_bytes, planner=opq_core.plan, layout=layout,
+                                 other=other, finish=finish,
                                  method=method, channelwise=channelwise, grid=grid,
                                  error_model=error_model, **kw)
         else:

@@ -105,19 +105,6 @@ def _dp_centroids(A, s1, P, k):
 
 
 @jit()
-def _count_le(a, t):
-    lo = 0
-    hi = a.shape[0]
-    while lo < hi:
-        h = (lo + hi) >> 1
-        if a[h] <= t:
-            lo = h + 1
-        else:
-            hi = h
-    return lo
-
-
-@jit()
 def _lloyd(a, s1, s2, c0, max_iter):
     """Lloyd iterations on sorted ``a`` from centroids ``c0`` (increasing): assign by
     midpoints (ties to the lower centroid), move to the means; ``O(k log n)`` per
@@ -130,7 +117,7 @@ def _lloyd(a, s1, s2, c0, max_iter):
     for it in range(max_iter):
         changed = False
         for i in range(1, k):
-            p = _count_le(a, (c[i - 1] + c[i]) / 2.0)
+            p = np.searchsorted(a, (c[i - 1] + c[i]) / 2.0, side="right")
             if p < pos[i - 1]:
                 p = pos[i - 1]
             if p != pos[i]:
