@@ -77,12 +77,14 @@ def _exports(f, costs=None):
 
 def _exports_table(rows) -> str:
     """What each export keeps compressed, per layer."""
+    # layer names are never cut (BERT's layer 0 and layer 1 rows must differ)
+    nw = max([32] + [len(r["name"]) for r in rows])
     out = ["what the exports keep compressed (opq export -> ONNX; opq_torch.pack -> memory):",
-           f"{'layer':32s} {'onnx (opq export)':>22s} {'onnx bytes':>10s} "
+           f"{'layer':{nw}s} {'onnx (opq export)':>22s} {'onnx bytes':>10s} "
            f"{'opq_torch.pack':>24s}"]
     for r in rows:
         pk = r["pack"] or "mask: read with --verify"
         pk = f"{r['bits']}-bit codes + {pk}" if r["pack"] not in (None, "none") else (
             f"{r['bits']}-bit codes" if r["pack"] == "none" else pk)
-        out.append(f"{r['name'][:32]:32s} {r['onnx']:>22s} {r['onnx_bytes']:10d} {pk:>24s}")
+        out.append(f"{r['name']:{nw}s} {r['onnx']:>22s} {r['onnx_bytes']:10d} {pk:>24s}")
     return "\n".join(out)

@@ -99,12 +99,13 @@ class OnnxExport:
     dense_bytes = total("dense_bytes")
 
     def table(self) -> str:
-        rows = [f"{'layer':32s} {'bits':>4s} {'grid':>9s} {'sparsity':>8s} {'encoding':>22s} "
+        nw = max([32] + [len(e.name) for e in self.layers])  # names are never cut
+        rows = [f"{'layer':{nw}s} {'bits':>4s} {'grid':>9s} {'sparsity':>8s} {'encoding':>22s} "
                 f"{'bytes':>10s} {'dense':>10s}"]
         for e in self.layers:
-            rows.append(f"{e.name[:32]:32s} {e.bits:4d} {e.grid:>9s} {e.sparsity:8.4f} "
+            rows.append(f"{e.name:{nw}s} {e.bits:4d} {e.grid:>9s} {e.sparsity:8.4f} "
                         f"{e.encoding:>22s} {e.onnx_bytes:10d} {e.dense_bytes:10d}")
-        rows.append(f"{'total':32s} {'':4s} {'':>9s} {'':>8s} {'':>22s} {self.onnx_bytes:10d} "
+        rows.append(f"{'total':{nw}s} {'':4s} {'':>9s} {'':>8s} {'':>22s} {self.onnx_bytes:10d} "
                     f"{self.dense_bytes:10d}")
         return "\n".join(rows)
 

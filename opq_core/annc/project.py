@@ -42,13 +42,15 @@ class QuantResult:
         return int((self.bits * self.kept).sum())
 
     def __repr__(self):
+        nw = max([28] + [len(n) for n in self.names])  # names are never cut
+
         def row(i):
             n = self.names[i]
             j = self.bits_choices.index(int(self.bits[i]))
-            return (f"{n[-28:]:<28} {int(self.kept[i]):>10d} {int(self.bits[i]):>4d} "
+            return (f"{n:<{nw}} {int(self.kept[i]):>10d} {int(self.bits[i]):>4d} "
                     f"{self.codebooks[n].size:>9d} {self.errors[i, j]:>10.4g}")
         return table_repr("QuantResult",
-                          f"{'layer':<28} {'kept':>10} {'bits':>4} {'centroids':>9} {'error':>10}",
+                          f"{'layer':<{nw}} {'kept':>10} {'bits':>4} {'centroids':>9} {'error':>10}",
                           range(len(self.names)), row,
                           f"size_bits={self.size_bits} method={self.choice.method}")
 
@@ -146,9 +148,10 @@ class Projection:
         return out
 
     def __repr__(self):
-        return table_repr("Projection", f"{'layer':<28} {'kept':>10} {'bits':>4} {'centroids':>9}",
+        nw = max([28] + [len(n) for n in self.names])  # names are never cut
+        return table_repr("Projection", f"{'layer':<{nw}} {'kept':>10} {'bits':>4} {'centroids':>9}",
                           self.names,
-                          lambda n: f"{n[-28:]:<28} {self.kept[n]:>10d} {self.bits[n]:>4d} "
+                          lambda n: f"{n:<{nw}} {self.kept[n]:>10d} {self.bits[n]:>4d} "
                                     f"{self.codebooks[n].size:>9d}",
                           f"size_bits={self.size_bits} budget_bits={self.budget_bits}")
 

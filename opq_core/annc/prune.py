@@ -194,14 +194,16 @@ class PruneResult:
         return 1.0 - int(self.kept.sum()) / self.n if self.n else 0.0
 
     def __repr__(self):
+        nw = max([28] + [len(n) for n in self.names])  # names are never cut
+
         def row(i):
             name = self.names[i]
             n = self.masks[name].size
             sp = 1.0 - self.kept[i] / n if n else 0.0
-            return (f"{name[-28:]:<28} {n:>10d} {int(self.bits[i]):>4d} "
+            return (f"{name:<{nw}} {n:>10d} {int(self.bits[i]):>4d} "
                     f"{int(self.kept[i]):>10d} {sp:>8.4f}")
         return table_repr("PruneResult",
-                          f"{'layer':<28} {'n':>10} {'bits':>4} {'kept':>10} {'sparsity':>8}",
+                          f"{'layer':<{nw}} {'n':>10} {'bits':>4} {'kept':>10} {'sparsity':>8}",
                           range(len(self.names)), row,
                           f"size_bits={self.size_bits} budget_bits={self.budget_bits} "
                           f"sparsity={self.sparsity:.4f} passes={self.passes}")
