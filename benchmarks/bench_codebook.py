@@ -21,7 +21,6 @@ Writes ``bench_codebook.json`` and ``bench_codebook.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,12 +29,11 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
-from _common import machine, markdown_table  # noqa: E402
+from _common import machine, markdown_table, write_report  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 import opq_core  # noqa: E402
-from opq_core.io import atomic_write  # noqa: E402
 
 GRIDS = ("offset", "codebook", "auto")
 BITS = (2, 3, 4)
@@ -124,12 +122,7 @@ def main(argv=None):
           "sum ||w||^2 over the compressed layers; side_share = the codebooks' float32 bytes "
           "over the paper size; time_vs_offset = plan time over the offset plan's (same run)."
           "\n\n" + markdown_table(rows, COLUMNS) + "\n")
-    os.makedirs(args.out, exist_ok=True)
-    text = json.dumps(result, indent=1)
-    atomic_write(os.path.join(args.out, "bench_codebook.json"), lambda f: f.write(text),
-                 mode="w")
-    atomic_write(os.path.join(args.out, "bench_codebook.md"), lambda f: f.write(md), mode="w")
-    print(md)
+    write_report(args.out, "bench_codebook", result, md)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine, markdown_table  # noqa: E402
+from _common import machine, markdown_table, write_report  # noqa: E402
 
-from opq_core.io import atomic_write  # noqa: E402
 
 _CHILD = r"""
 import json, resource, sys, time
@@ -89,12 +88,7 @@ def main(argv=None):
           "process max RSS (includes the weights themselves and imports); planning = peak "
           "minus the RSS after the weights were made.\n\n"
           + markdown_table(rows_out, cols_md) + "\n")
-    os.makedirs(args.out, exist_ok=True)
-    text = json.dumps(result, indent=1)
-    atomic_write(os.path.join(args.out, "bench_zero_layer.json"), lambda f: f.write(text),
-                 mode="w")
-    atomic_write(os.path.join(args.out, "bench_zero_layer.md"), lambda f: f.write(md), mode="w")
-    print(md)
+    write_report(args.out, "bench_zero_layer", result, md)
 
 
 if __name__ == "__main__":
