@@ -156,8 +156,8 @@ def plan_for_size(weights, size_bytes, *, planner, layout="entropy", other=None,
         S = s_min
     last_width = None
     for _ in range(MAX_TRIALS):
-        p, b, _w = trial(min(max(S, s_min), s_all))
         S = min(max(S, s_min), s_all)
+        _, b, _ = trial(S)
         if b is None:
             S = s_min
             continue
