@@ -15,7 +15,10 @@ The weight is viewed as a matrix ``(shape[0], prod(shape[1:]))`` (output channel
 fan-in, as the kernels do). :meth:`PackedLayer.decode` returns the dense weights equal bit
 for bit to the plan's fake-quant weights; :func:`packed_matmul` computes
 :math:`Y = X W^T` for a small batch ``X`` reading one symbol and one index entry per kept
-weight, never a dense row: memory traffic is the packed bytes, not ``4 n`` bytes.
+weight, never a dense row: memory traffic is the packed bytes, not ``4 n`` bytes. It works
+row by row in chunks of up to :data:`_CHUNK` kept weights, in three tight loops: the
+chunk's columns (the bitmask expanded a byte at a time through a table, or the gap code
+decoded), their values (the symbols through the row's table), then the products.
 
 .. math:: y_{bc} = \sum_{j:\,m_{cj}} x_{bj}\, \hat w_{cj}, \qquad
           \hat w_{cj} = \mathrm{lut}_c[\mathrm{sym}_{cj}]
@@ -82,14 +85,16 @@ class PackedLayer:
     block_row, block_sym, block_gap, block_pos : int64 checkpoints, one per block + 1.
     """
 
+    # the weight and its sparsity pattern
     name: str
     shape: tuple
     dtype: str
+    kept: int
+    index: str
+    # the quantizer
     bits: int
     grid: str
     step: float
-    kept: int
-    index: str
     index_bytes: np.ndarray
     code_bytes: np.ndarray
     scale: np.ndarray
@@ -305,164 +310,222 @@ def _fill_lut(lut, grid, s, theta, step, kbits, cb):
         lut[sv] = -level if (sv >> kbits) & 1 else level
 
 
+#: Kept weights decoded per chunk of a row (a multiple of the 4 accumulation lanes).
+_CHUNK = 2048
+
+# the set bits of a byte, lowest first (_POS8[8 b + t], t < _CNT8[b]), to expand a bitmask
+_POS8 = np.zeros(256 * 8, dtype=np.int64)
+_CNT8 = np.zeros(256, dtype=np.int64)
+for _b in range(256):
+    _t = 0
+    for _i in range(8):
+        if (_b >> _i) & 1:
+            _POS8[8 * _b + _t] = _i
+            _t += 1
+    _CNT8[_b] = _t
+del _b, _t, _i
+
+
 @jit()
-def _mm_block(xt, y, kind, idx, cbytes, bits, grid, scale, thr, step, cb, cols,
-              r0, r1, s0, s1, g0, p0):
-    """Rows r0..r1-1 of ``y = (W @ xt).T``; xt is (cols, batch), y is (batch, rows)."""
-    nb = xt.shape[1]
-    one = nb == 1
-    lut64 = np.empty(1 << bits, np.float64)
-    lut = np.empty(1 << bits, np.float32)
-    acc = np.zeros(nb, np.float64)
-    kbits = bits - 1
+def _row_columns_bitmask(idx, rbase, j, cols, cidx, pos8, cnt8):
+    """Columns of the set bits of row bits ``rbase + j ..`` into ``cidx`` (at most
+    ``_CHUNK`` of them, whole bytes at a time); returns ``(count, next j)``.
+
+    Four positions per byte are written unconditionally (at the sparsities that pick a
+    bitmask, a byte has at most four set bits almost always), the other four only when
+    the byte needs them: no branch per set bit."""
+    nidx = idx.shape[0]
+    n = 0
+    if (rbase & 7) == 0:  # whole bytes of the bitmask (cols % 8 == 0, or row 0)
+        q = np.uint64((rbase + j) >> 3)
+        while n < _CHUNK and cols - j >= 8:
+            v = idx[q]
+            p = np.uint64(v) * np.uint64(8)
+            nu = np.uint64(n)
+            cidx[nu] = j + pos8[p]
+            cidx[nu + np.uint64(1)] = j + pos8[p + np.uint64(1)]
+            cidx[nu + np.uint64(2)] = j + pos8[p + np.uint64(2)]
+            cidx[nu + np.uint64(3)] = j + pos8[p + np.uint64(3)]
+            c = cnt8[v]
+            if c > 4:
+                for t in range(4, 8):
+                    cidx[nu + np.uint64(t)] = j + pos8[p + np.uint64(t)]
+            n += c
+            j += 8
+            q += np.uint64(1)
+    while n < _CHUNK and j < cols:  # a row that starts inside a byte, and the row's tail
+        bp = rbase + j
+        q = bp >> 3
+        v = np.int64(idx[q])
+        if q + 1 < nidx:
+            v |= np.int64(idx[q + 1]) << 8
+        v = (v >> (bp & 7)) & 0xFF
+        if cols - j < 8:
+            v &= (1 << (cols - j)) - 1
+        for t in range(cnt8[v]):
+            cidx[n + t] = j + pos8[8 * v + t]
+        n += cnt8[v]
+        j += 8
+    return n, j
+
+
+@jit()
+def _symbols(cbytes, s, n, bits, lut, vals):
+    """``vals[k] = lut[symbol s + k]`` for ``k < n`` from the LSB-first ``bits``-bit stream."""
+    if n <= 0:
+        return
     smask = (1 << bits) - 1
-    # symbol reader positioned at symbol s0
-    bp = s0 * bits
+    k = 0
+    if bits == 8:
+        for t in range(n):
+            vals[t] = lut[cbytes[s + t]]
+        return
+    if bits == 4:
+        if s & 1:
+            vals[0] = lut[cbytes[s >> 1] >> 4]
+            k = 1
+        q0 = (s + k) >> 1
+        half = (n - k) >> 1
+        for q in range(half):
+            b = cbytes[q0 + q]
+            vals[k + 2 * q] = lut[b & 15]
+            vals[k + 2 * q + 1] = lut[b >> 4]
+        k += 2 * half
+        if k < n:
+            vals[k] = lut[cbytes[(s + k) >> 1] & 15]
+        return
+    bp = s * bits
     cp = bp >> 3
     rb = bp & 7
     sacc = 0
     sn = 0
-    if rb and s1 > s0:
+    if rb:
         sacc = np.int64(cbytes[cp]) >> rb
         sn = 8 - rb
         cp += 1
-    if kind == 2:
-        gp = g0
-        pos = p0
-        row = r0
-        rend = (r0 + 1) * cols
-        _fill_lut(lut64, grid, scale[row] if scale.shape[0] else 1.0,
-                  thr[row] if grid != 2 else 0.0, step, kbits, cb)
-        for t in range(lut.shape[0]):
-            lut[t] = lut64[t]
-        a0 = 0.0
-        for _i in range(s1 - s0):
-            g = 0
-            sh = 0
-            while True:
-                byte = np.int64(idx[gp])
-                gp += 1
-                g |= (byte & 0x7F) << sh
-                sh += 7
-                if byte < 128:
-                    break
-            pos += g + 1
-            if pos >= rend:
-                if one:
-                    y[0, row] = a0
-                    a0 = 0.0
-                else:
-                    for b in range(nb):
-                        y[b, row] = acc[b]
-                        acc[b] = 0.0
-                row += 1
-                rend += cols
-                while pos >= rend:
-                    for b in range(nb):
-                        y[b, row] = 0.0
-                    row += 1
-                    rend += cols
-                if grid != 2 or scale.shape[0]:  # a scaled codebook: its row's levels
-                    _fill_lut(lut64, grid, scale[row] if scale.shape[0] else 1.0,
-                              thr[row] if grid != 2 else 0.0, step, kbits, cb)
-                    for t in range(lut.shape[0]):
-                        lut[t] = lut64[t]
-            if sn < bits:
-                sacc |= np.int64(cbytes[cp]) << sn
-                cp += 1
-                sn += 8
-            sv = sacc & smask
-            sacc >>= bits
-            sn -= bits
-            wv = np.float64(lut[sv])
-            col = pos - (rend - cols)
-            if one:
-                a0 += np.float64(xt[col, 0]) * wv
-            else:
-                for b in range(nb):
-                    acc[b] += np.float64(xt[col, b]) * wv
-        if row < r1:
-            if one:
-                y[0, row] = a0
-            else:
-                for b in range(nb):
-                    y[b, row] = acc[b]
-            for r in range(row + 1, r1):
-                for b in range(nb):
-                    y[b, r] = 0.0
+    for t in range(n):
+        if sn < bits:
+            sacc |= np.int64(cbytes[cp]) << sn
+            cp += 1
+            sn += 8
+        vals[t] = lut[sacc & smask]
+        sacc >>= bits
+        sn -= bits
+
+
+@jit()
+def _accumulate(acc, x64, cidx, vals, n):
+    """``acc[lane, b] += x64[cidx[k], b] * vals[k]``, lane = k mod 4 (the k-th kept weight
+    of the row, counted from a chunk start that is a multiple of 4).
+
+    Indices read from data go through ``np.uint64``: Numba then skips its negative-index
+    wraparound (a compare and a conditional move per access in the hot loop)."""
+    nb = x64.shape[1]
+    n4 = n & ~3
+    if nb == 1:
+        x = x64[:, 0]
+        a0 = acc[0, 0]
+        a1 = acc[1, 0]
+        a2 = acc[2, 0]
+        a3 = acc[3, 0]
+        for k in range(0, n4, 4):
+            a0 += x[np.uint64(cidx[k])] * vals[k]
+            a1 += x[np.uint64(cidx[k + 1])] * vals[k + 1]
+            a2 += x[np.uint64(cidx[k + 2])] * vals[k + 2]
+            a3 += x[np.uint64(cidx[k + 3])] * vals[k + 3]
+        acc[0, 0] = a0
+        acc[1, 0] = a1
+        acc[2, 0] = a2
+        acc[3, 0] = a3
+        for k in range(n4, n):
+            acc[k & 3, 0] += x[np.uint64(cidx[k])] * vals[k]
         return
+    for k in range(n):
+        wv = vals[k]
+        c = np.uint64(cidx[k])
+        lane = k & 3
+        for b in range(nb):
+            acc[lane, b] += x64[c, b] * wv
+
+
+@jit()
+def _mm_block(x64, y, kind, idx, cbytes, bits, grid, scale, thr, step, cb, cols,
+              r0, r1, s0, p0, g0, pos8, cnt8):
+    """Rows r0..r1-1 of ``y = (W @ x64).T``; x64 is (cols, batch), y is (batch, rows).
+
+    Row by row, chunk by chunk: the kept weights' columns (from the bitmask or the gap
+    code), their values (symbols through the row's table), then four float64 lanes."""
+    nb = x64.shape[1]
+    lut32 = np.empty(1 << bits, np.float64)
+    lut = np.empty(1 << bits, np.float64)
+    cidx = np.empty(_CHUNK + 8, np.int64)
+    vals = np.empty(_CHUNK + 8, np.float64)
+    acc = np.zeros((4, nb), np.float64)
+    kbits = bits - 1
+    s = s0
+    gp = g0
+    pos = p0
+    pend = -1  # gap code: a decoded position that belongs to a later row
     for row in range(r0, r1):
         if grid != 2 or row == r0 or scale.shape[0]:
-            _fill_lut(lut64, grid, scale[row] if scale.shape[0] else 1.0,
+            _fill_lut(lut32, grid, scale[row] if scale.shape[0] else 1.0,
                       thr[row] if grid != 2 else 0.0, step, kbits, cb)
-            for t in range(lut.shape[0]):
-                lut[t] = lut64[t]
-        a0 = 0.0
-        for b in range(nb):
-            acc[b] = 0.0
-        if kind == 0:
-            if s1 > s0:
-                for col in range(cols):
-                    if sn < bits:
-                        sacc |= np.int64(cbytes[cp]) << sn
-                        cp += 1
-                        sn += 8
-                    sv = sacc & smask
-                    sacc >>= bits
-                    sn -= bits
-                    wv = np.float64(lut[sv])
-                    if one:
-                        a0 += np.float64(xt[col, 0]) * wv
-                    else:
-                        for b in range(nb):
-                            acc[b] += np.float64(xt[col, b]) * wv
-        else:
-            # 32-bit words of the bitmask, one set bit at a time (lowest first)
-            bit0 = row * cols
-            bit1 = bit0 + cols
-            nby = idx.shape[0]
-            for q in range(bit0 >> 5, (bit1 + 31) >> 5):
-                by = 4 * q
-                v = 0
-                for t in range(4):
-                    if by + t < nby:
-                        v |= np.int64(idx[by + t]) << (8 * t)
-                if v == 0:
-                    continue
-                base = 32 * q
-                if base < bit0:
-                    v &= (0xFFFFFFFF << (bit0 - base)) & 0xFFFFFFFF
-                if base + 32 > bit1:
-                    v &= (1 << (bit1 - base)) - 1
-                while v:
-                    low = v & -v
-                    col = base + _DB32[((low * _DEBRUIJN) >> 27) & 31] - bit0
-                    v ^= low
-                    if sn < bits:
-                        sacc |= np.int64(cbytes[cp]) << sn
-                        cp += 1
-                        sn += 8
-                    sv = sacc & smask
-                    sacc >>= bits
-                    sn -= bits
-                    wv = np.float64(lut[sv])
-                    if one:
-                        a0 += np.float64(xt[col, 0]) * wv
-                    else:
-                        for b in range(nb):
-                            acc[b] += np.float64(xt[col, b]) * wv
-        if one:
-            y[0, row] = a0
-        else:
+            for t in range(lut.shape[0]):  # the float32 weight, exactly, in float64
+                lut[t] = np.float64(np.float32(lut32[t]))
+        for lane in range(4):
             for b in range(nb):
-                y[b, row] = acc[b]
+                acc[lane, b] = 0.0
+        rbase = row * cols
+        rend = rbase + cols
+        j = 0
+        while True:
+            n = 0
+            if kind == 0:
+                while n < _CHUNK and j < cols:
+                    cidx[n] = j
+                    n += 1
+                    j += 1
+            elif kind == 1:
+                n, j = _row_columns_bitmask(idx, rbase, j, cols, cidx, pos8, cnt8)
+            else:
+                if pend >= 0:
+                    if pend < rend:
+                        cidx[0] = pend - rbase
+                        n = 1
+                        pend = -1
+                if pend < 0:
+                    while n < _CHUNK and gp < idx.shape[0]:
+                        byte = np.int64(idx[gp])
+                        gp += 1
+                        g = byte & 0x7F
+                        sh = 7
+                        while byte >= 128:
+                            byte = np.int64(idx[gp])
+                            gp += 1
+                            g |= (byte & 0x7F) << sh
+                            sh += 7
+                        pos += g + 1
+                        if pos >= rend:
+                            pend = pos
+                            break
+                        cidx[n] = pos - rbase
+                        n += 1
+            if n == 0:
+                break
+            _symbols(cbytes, s, n, bits, lut, vals)
+            s += n
+            _accumulate(acc, x64, cidx, vals, n)
+            if n < _CHUNK:
+                break
+        for b in range(nb):
+            y[b, row] = (acc[0, b] + acc[1, b]) + (acc[2, b] + acc[3, b])
 
 
-def _mm(xt, y, kind, idx, cbytes, bits, grid, scale, thr, step, cb, cols,
-        brow, bsym, bgap, bpos):
+def _mm(x64, y, kind, idx, cbytes, bits, grid, scale, thr, step, cb, cols,
+        brow, bsym, bgap, bpos, pos8, cnt8):
     for k in prange(brow.shape[0] - 1):
-        _mm_block(xt, y, kind, idx, cbytes, bits, grid, scale, thr, step, cb, cols,
-                  brow[k], brow[k + 1], bsym[k], bsym[k + 1], bgap[k], bpos[k])
+        _mm_block(x64, y, kind, idx, cbytes, bits, grid, scale, thr, step, cb, cols,
+                  brow[k], brow[k + 1], bsym[k], bpos[k], bgap[k], pos8, cnt8)
 
 
 _mm, _mm_par = twins(_mm)
@@ -475,8 +538,11 @@ def packed_matmul(layer: PackedLayer, x, *, parallel: bool | None = None, out=No
     ----------
     layer : PackedLayer
     x : float array (batch, cols) or (cols,)
-        Read as float32; each product is accumulated in float64, in the order of the
-        layer's kept weights, and rounded to float32 at the end.
+        Read as float32. Each product ``float64(x) * float64(w)`` is exact; a row's
+        products go, in the order of its kept weights, round-robin into four float64 sums
+        (the k-th kept weight into sum ``k mod 4``: four independent additions in flight),
+        and the row's result ``(s0 + s1) + (s2 + s3)`` is rounded to float32. The result
+        does not depend on the batch size, the row blocks or ``parallel``.
     parallel : bool, optional
         Row blocks in parallel (default: when the layer has at least 2**16 weights).
     out : float32 array (batch, rows), optional
@@ -496,7 +562,8 @@ def packed_matmul(layer: PackedLayer, x, *, parallel: bool | None = None, out=No
     if a2.ndim != 2 or a2.shape[1] != layer.cols:
         raise ValueError(f"{_fn_where(fn, layer.name)}: x must have shape (batch, "
                          f"{layer.cols}) or ({layer.cols},), got {tuple(a.shape)}")
-    xt = np.ascontiguousarray(a2.T, dtype=np.float32)
+    # the input rounded to float32, held in float64 (each product float64 x float64)
+    x64 = np.ascontiguousarray(a2.T, dtype=np.float32).astype(np.float64)
     bsz = a2.shape[0]
     if out is None:
         y = np.empty((bsz, layer.rows), np.float32)
@@ -513,8 +580,8 @@ def packed_matmul(layer: PackedLayer, x, *, parallel: bool | None = None, out=No
         from ._jit import PARALLEL_MIN_SIZE
         parallel = layer.n >= PARALLEL_MIN_SIZE and layer.block_row.size > 2
     kern = _mm_par if parallel else _mm
-    kern(xt, y, INDEX_KINDS.index(layer.index), layer.index_bytes, layer.code_bytes,
+    kern(x64, y, INDEX_KINDS.index(layer.index), layer.index_bytes, layer.code_bytes,
          layer.bits, _GRIDS[layer.grid], layer.scale, layer.threshold, layer.step,
          layer.codebook, layer.cols, layer.block_row, layer.block_sym, layer.block_gap,
-         layer.block_pos)
+         layer.block_pos, _POS8, _CNT8)
     return y.reshape(-1) if vec else y

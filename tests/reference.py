@@ -280,8 +280,9 @@ def unpack_codes(buf, mask, bits):
 def packed_matmul(x, codes, scale, threshold, step, bits, grid="offset", codebook=None):
     """``x @ W.T`` as :func:`opq_core._packed.packed_matmul` computes it: each kept weight
     decoded to float32 (the dequantize formula, or ``scale[c] * codebook[code - 1]``), each product
-    ``float64(x) * float64(w)`` added in row-major order of the kept weights to a float64
-    sum that starts at 0.0, the sum rounded to float32."""
+    ``float64(x) * float64(w)`` added, in row-major order of the kept weights, to one of four
+    float64 sums that start at 0.0 (the row's k-th kept weight to sum ``k mod 4``), the row's
+    result ``(s0 + s1) + (s2 + s3)`` rounded to float32."""
     x = np.atleast_2d(np.asarray(x, dtype=np.float32))
     cd = _rows(codes).astype(np.int64)
     if grid == "codebook":  # levels in units of the channel scales: float32(s_c * c_k)
@@ -293,11 +294,13 @@ def packed_matmul(x, codes, scale, threshold, step, bits, grid="offset", codeboo
     y = np.zeros((x.shape[0], cd.shape[0]), dtype=np.float32)
     for b in range(x.shape[0]):
         for c in range(cd.shape[0]):
-            acc = 0.0
+            acc = [0.0, 0.0, 0.0, 0.0]
+            k = 0
             for j in range(cd.shape[1]):
                 if cd[c, j] != 0:
-                    acc += float(x[b, j]) * float(w[c, j])
-            y[b, c] = np.float32(acc)
+                    acc[k % 4] += float(x[b, j]) * float(w[c, j])
+                    k += 1
+            y[b, c] = np.float32((acc[0] + acc[1]) + (acc[2] + acc[3]))
     return y
 
 

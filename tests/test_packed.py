@@ -141,3 +141,22 @@ def test_doctests():
     import opq_core._packed as P
     res = doctest.testmod(P, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert res.attempted > 0 and res.failed == 0
+
+
+@pytest.mark.parametrize("shape,sparsity,bits", [((3, 5003), 0.2, 4), ((2, 4801), 0.0, 4),
+                                                 ((3, 4500), 0.3, 3), ((4, 4104), 0.1, 8)])
+@pytest.mark.parametrize("index", ["bitmask", "gap"])
+def test_rows_longer_than_a_chunk_match_the_oracle(shape, sparsity, bits, index):
+    # rows of more kept weights than the kernel decodes per chunk (_CHUNK), rows that start
+    # inside a byte of the bitmask (odd fan-in) and inside a byte of the symbol stream
+    from opq_core._packed import _CHUNK
+    lp, w, m, cd = _layer(shape, sparsity, bits, "offset", seed=3)
+    assert m.sum(axis=1).max() > _CHUNK
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, shape[1])).astype(np.float32)
+    oracle = ref.packed_matmul(x, cd, lp.kernel_scale, lp.thresholds, lp.step, bits, "offset")
+    for blocks in (1, shape[0]):
+        pl = pack_layer(lp, cd, m, index=index, blocks=blocks)
+        for parallel in (False, True):
+            assert np.array_equal(packed_matmul(pl, x, parallel=parallel), oracle)
+            assert np.array_equal(packed_matmul(pl, x[1], parallel=parallel), oracle[1])
