@@ -50,11 +50,19 @@ def categorical_cdf(probs) -> np.ndarray:
 
 
 def symbol_lut(cdf) -> np.ndarray:
-    """For each of the ``2**12`` top-bit buckets of a quantile, the last symbol starting at
-    or before the bucket's first quantile (the decoder scans forward from it)."""
-    starts = np.arange(1 << _LUT_BITS, dtype=np.uint64) << np.uint64(PRECISION - _LUT_BITS)
-    return (np.searchsorted(cdf[:-1].astype(np.uint64), starts, side="right") - 1).astype(
-        np.int32)
+    """For each of the ``2**12`` buckets of quantiles (their top 12 bits), as a uint64: the
+    symbol holding the bucket's first quantile (bits 49..57), and when that symbol holds
+    the whole bucket its start (bits 0..23) and width (bits 24..48); otherwise bit 63 is
+    set and the decoder scans ``cdf`` forward from the symbol."""
+    lo = np.arange(1 << _LUT_BITS, dtype=np.uint64) << np.uint64(PRECISION - _LUT_BITS)
+    hi = lo + np.uint64((1 << (PRECISION - _LUT_BITS)) - 1)
+    c = cdf.astype(np.uint64)
+    sym = (np.searchsorted(c[:-1], lo, side="right") - 1).astype(np.uint64)
+    start, end = c[sym], c[sym + np.uint64(1)]
+    whole = hi < end
+    e = (sym << np.uint64(49)) | np.where(
+        whole, start | ((end - start) << np.uint64(24)), np.uint64(1) << np.uint64(63))
+    return e.astype(np.uint64)
 
 
 _LOW = np.uint64((1 << PRECISION) - 1)
@@ -62,6 +70,10 @@ _SHIFT = np.uint64(PRECISION - _LUT_BITS)
 _WORD = np.uint64(32)
 _REFILL = np.uint64(1 << 32)
 _PREC = np.uint64(PRECISION)
+_SYM = np.uint64(49)
+_AMBIG = np.uint64(63)
+_WIDTH = np.uint64(24)
+_WMASK = np.uint64((1 << 25) - 1)
 #: Index of the lowest set bit of a byte.
 _TRAILING = np.array([0] + [(i & -i).bit_length() - 1 for i in range(1, 256)], np.int64)
 
@@ -96,11 +108,17 @@ def _decode_symbols(words, cdf, lut, out):
         return 2
     for i in range(out.shape[0]):
         q = state & _LOW
-        s = lut[q >> _SHIFT]
-        while np.uint64(cdf[s + 1]) <= q:
-            s += 1
-        c = np.uint64(cdf[s])
-        state = (state >> _PREC) * (np.uint64(cdf[s + 1]) - c) + (q - c)
+        e = lut[q >> _SHIFT]
+        s = np.int64(e >> _SYM) & 0x1FF
+        if e >> _AMBIG:
+            while np.uint64(cdf[s + 1]) <= q:
+                s += 1
+            c = np.uint64(cdf[s])
+            f = np.uint64(cdf[s + 1]) - c
+        else:
+            c = e & _LOW
+            f = (e >> _WIDTH) & _WMASK
+        state = (state >> _PREC) * f + (q - c)
         if state < _REFILL and pos > 0:
             pos -= 1
             state = (state << _WORD) | np.uint64(words[pos])
@@ -109,19 +127,18 @@ def _decode_symbols(words, cdf, lut, out):
 
 
 @jit()
-def _decode_dense(mwords, mcdf, mlut, all_kept, cwords, ccdf, clut, table, m_out, v_out):
+def _decode_dense(n, mwords, mcdf, mlut, all_kept, cwords, ccdf, clut, table, m_out, v_out):
     """One layer of the entropy layout in one pass: the mask's bytes from their stream
     (or every entry kept), and at each kept entry the next symbol of the codes' stream,
     looked up in ``table[channel, symbol]`` (the dequantized values; channel = flat index
-    // row length). Writes the mask into ``m_out`` and the values into ``v_out`` when they
-    have the layer's size (empty: not wanted).
+    // row length) of a layer of ``n`` entries. Writes the mask into ``m_out`` and the
+    values into ``v_out`` when they have the layer's size (empty: not wanted).
 
     Returns (kept, status): status 0 = both coders end empty, 1 = data left in the mask
     stream, 2 = in the codes' stream, 3 = a stream ends in a zero word, 4 = padding bits
     set after the last entry. ``kept`` counts the kept entries; at most ``kept`` symbols are
     decoded per kept entry (an exhausted stream keeps decoding from its state: no read past
     ``words``); the caller compares ``kept`` with the plan's."""
-    n = m_out.shape[0] if m_out.shape[0] else v_out.shape[0]
     want_m = m_out.shape[0] > 0
     want_v = v_out.shape[0] > 0
     row_len = n // table.shape[0] if table.shape[0] else n
@@ -140,11 +157,17 @@ def _decode_dense(mwords, mcdf, mlut, all_kept, cwords, ccdf, clut, table, m_out
             pat = (1 << width) - 1
         else:
             q = mstate & _LOW
-            s = mlut[q >> _SHIFT]
-            while np.uint64(mcdf[s + 1]) <= q:
-                s += 1
-            c = np.uint64(mcdf[s])
-            mstate = (mstate >> _PREC) * (np.uint64(mcdf[s + 1]) - c) + (q - c)
+            e = mlut[q >> _SHIFT]
+            s = np.int64(e >> _SYM) & 0x1FF
+            if e >> _AMBIG:
+                while np.uint64(mcdf[s + 1]) <= q:
+                    s += 1
+                c = np.uint64(mcdf[s])
+                f = np.uint64(mcdf[s + 1]) - c
+            else:
+                c = e & _LOW
+                f = (e >> _WIDTH) & _WMASK
+            mstate = (mstate >> _PREC) * f + (q - c)
             if mstate < _REFILL and mpos > 0:
                 mpos -= 1
                 mstate = (mstate << _WORD) | np.uint64(mwords[mpos])
@@ -163,11 +186,17 @@ def _decode_dense(mwords, mcdf, mlut, all_kept, cwords, ccdf, clut, table, m_out
             t = _TRAILING[x]
             x &= x - 1
             q = cstate & _LOW
-            s = clut[q >> _SHIFT]
-            while np.uint64(ccdf[s + 1]) <= q:
-                s += 1
-            c = np.uint64(ccdf[s])
-            cstate = (cstate >> _PREC) * (np.uint64(ccdf[s + 1]) - c) + (q - c)
+            e = clut[q >> _SHIFT]
+            s = np.int64(e >> _SYM) & 0x1FF
+            if e >> _AMBIG:
+                while np.uint64(ccdf[s + 1]) <= q:
+                    s += 1
+                c = np.uint64(ccdf[s])
+                f = np.uint64(ccdf[s + 1]) - c
+            else:
+                c = e & _LOW
+                f = (e >> _WIDTH) & _WMASK
+            cstate = (cstate >> _PREC) * f + (q - c)
             if cstate < _REFILL and cpos > 0:
                 cpos -= 1
                 cstate = (cstate << _WORD) | np.uint64(cwords[cpos])
@@ -202,15 +231,15 @@ def decode_symbols(words, cdf, count, out=None):
     return out, status
 
 
-def decode_dense(mask_words, mask_cdf, all_kept, code_words, code_cdf, table, mask_out,
+def decode_dense(n, mask_words, mask_cdf, all_kept, code_words, code_cdf, table, mask_out,
                  values_out):
-    """One entropy-coded layer into ``mask_out`` (bool, n) and ``values_out`` (n, or empty
-    when not wanted) with the value ``table[channel, symbol]``; returns (kept, status) of
+    """One entropy-coded layer of ``n`` entries into ``mask_out`` (bool) and ``values_out``
+    (each of size n, or empty when not wanted) with the value ``table[channel, symbol]``; returns (kept, status) of
     :func:`_decode_dense` (status 0: both streams decoded and ended empty)."""
     mw = np.ascontiguousarray(mask_words, dtype=np.uint32)
     cw = np.ascontiguousarray(code_words, dtype=np.uint32)
     mcdf = np.ascontiguousarray(mask_cdf, dtype=np.uint32)
     ccdf = np.ascontiguousarray(code_cdf, dtype=np.uint32)
-    kept, status = _decode_dense(mw, mcdf, symbol_lut(mcdf), bool(all_kept), cw, ccdf,
+    kept, status = _decode_dense(int(n), mw, mcdf, symbol_lut(mcdf), bool(all_kept), cw, ccdf,
                                  symbol_lut(ccdf), table, mask_out, values_out)
     return int(kept), int(status)

@@ -351,9 +351,10 @@ def _value_table(lp, cdt) -> np.ndarray:
                       dtype=cdt, layer=lp.name)
 
 
-def _decode_layer_dense(lp, blob: bytes, info: Mapping, want_values=True):
+def _decode_layer_dense(lp, blob: bytes, info: Mapping, want_values=True, want_mask=True):
     """(mask, dense weights or None) of one layer from its blob, what
-    ``_decode_layer_blob`` then :func:`decode_layer` give (same checks, same errors).
+    ``_decode_layer_blob`` then :func:`decode_layer` give (same checks, same errors); the
+    mask may be None when ``want_mask`` is False.
 
     An entropy-coded layer on a uniform grid decodes in one pass without codes
     (:mod:`opq_core._ans`); every other layer, and any stream that does not decode
@@ -383,13 +384,13 @@ def _decode_layer_dense(lp, blob: bytes, info: Mapping, want_values=True):
         dt = np.dtype(lp.dtype)
         cdt = compute_dtype(dt)
         vt = _value_table(lp, cdt) if want_values else np.zeros((1, 1), cdt)
-        mask = np.empty(n, dtype=bool)
+        mask = np.empty(n if (want_mask or not want_values) else 0, dtype=bool)
         vals = np.empty(n if want_values else 0, dtype=cdt)
-        got, status = _ans.decode_dense(np.frombuffer(part["mask"], "<u4"), mcdf, kept == n,
+        got, status = _ans.decode_dense(n, np.frombuffer(part["mask"], "<u4"), mcdf, kept == n,
                                         np.frombuffer(part["codes"], "<u4"), ccdf, vt, mask,
                                         vals)
         if status == 0 and got == kept:
-            mask = mask.reshape(lp.shape)
+            mask = mask.reshape(lp.shape) if mask.size else None
             if not want_values:
                 return mask, None
             return mask, vals.reshape(lp.shape).astype(dt, copy=False)

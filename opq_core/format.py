@@ -501,12 +501,12 @@ class OpqStream:
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise _bad(self._path, text, layer=name) from None
 
-    def _dense(self, name, want_values):
+    def _dense(self, name, want_values, want_mask=True):
         lp = self.plan[name]
         blob = _entry_bytes(self._path, self._fb, self._header, self._start,
                             _PREFIX + name, name)
         try:
-            return _decode_layer_dense(lp, blob, self._infos[name], want_values)
+            return _decode_layer_dense(lp, blob, self._infos[name], want_values, want_mask)
         except (OpqFormatError, ValueError) as exc:
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise _bad(self._path, text, layer=name) from None
@@ -521,7 +521,7 @@ class OpqStream:
         ``LayerPlan.channel_axis``), or another tensor as it was written."""
         if name in self._infos:
             lp = self.plan[name]
-            return np.ascontiguousarray(lp.to_stored(self._dense(name, True)[1]))
+            return np.ascontiguousarray(lp.to_stored(self._dense(name, True, False)[1]))
         if name not in self.file.other_names:
             raise KeyError(name)
         e = self._header[name]
