@@ -175,7 +175,8 @@ def cli_throughput(folder, copies=2, repeat=3):
     """``opq decompress`` (to .safetensors) and ``opq inspect --verify`` on a synthetic
     model of ``copies`` x ResNet-50's weights (sparsity 0.5, 4 bits, entropy layout): float32
     bytes of output per second, against writing the same dense tensors from memory with
-    the same safetensors writer (raw write) in the same run; and the decode alone."""
+    the same safetensors writer (raw write) in the same run; and the decode alone, one
+    tensor after the other and on ``OpqStream.decoded``'s threads."""
     from opq_cli.main import main as cli
     from opq_core import plan as make_plan
     from opq_core.format import OpqStream
@@ -200,7 +201,13 @@ def cli_throughput(folder, copies=2, repeat=3):
             for n in st.names:
                 st.tensor(n)
 
+    def decode_threads():
+        with OpqStream(src) as st:
+            for _ in st.decoded():
+                pass
+
     runs = {"raw write (baseline)": raw, "decode only": decode,
+            "decode only, threads": decode_threads,
             "opq decompress": lambda: cli(["decompress", src, "-o", out, "-q"]),
             "opq inspect --verify": lambda: cli(["inspect", "--verify", "--json", src])}
     import contextlib
@@ -214,6 +221,7 @@ def cli_throughput(folder, copies=2, repeat=3):
              "per raw write": v / t["raw write (baseline)"], "cpu s": got[k][1],
              "GB per cpu s": nbytes / got[k][1] / 1e9} for k, v in t.items()]
     return {"float32_bytes": nbytes, "file_bytes": os.path.getsize(src), "repeat": repeat,
+            "cpus": os.cpu_count(),
             "statistic": "best of repeat", "rows": rows}
 
 
@@ -233,7 +241,8 @@ def main_cli(args):
     md = [f"### {name}: opq decompress / inspect --verify throughput", "",
           f"Synthetic ResNet-50-shaped weights, {res['float32_bytes'] / 1e6:.0f} MB of float32 "
           f"({res['file_bytes'] / 1e6:.1f} MB .opq, sparsity 0.5, 4 bits, entropy layout); "
-          f"best of {res['repeat']}, in-process, output to the page cache; load average "
+          f"best of {res['repeat']}, in-process, {res['cpus']} CPUs, output to the page cache; "
+          "load average "
           f"{res['loadavg_before'][0]:.1f} before, {res['loadavg_after'][0]:.1f} after (the "
           "machine was shared). GB/s = float32 bytes / wall second; `cpu s` = this process's "
           "CPU time in the same (best wall) run, which other processes inflate less.", "",

@@ -1,7 +1,8 @@
 """``opq decompress``: the dense weights of a .opq file, in the input's dtype.
 
 Tensors are decoded and written one at a time for ``.safetensors`` (optionally in shards
-with a Hugging Face index) and ``.npz``, so memory stays at about one tensor; ``.pt`` and
+with a Hugging Face index) and ``.npz``, the next ones decoding on threads meanwhile, so
+memory stays at about one tensor per CPU core (at most 8); ``.pt`` and
 ``.onnx`` are written whole. Tensors that were bfloat16 in the compressed checkpoint are
 written as bfloat16 again (the decoded float32 values rounded to nearest even, as a
 bfloat16 PyTorch model rounds its fake-quantized weights).
@@ -74,14 +75,15 @@ def cmd_decompress(args):
             return np.dtype(dt).name
 
         written = [args.output]
+        produce = _in_order(s.decoded(names))
         if fmt == "safetensors":
             specs = [(n, s.info(n)[0], out_dtype(n)) for n in names]
-            written = write_safetensors_stream(args.output, specs, s.tensor,
+            written = write_safetensors_stream(args.output, specs, produce,
                                                max_shard_bytes=shard, progress=progress)
         elif fmt == "npz":
-            _write_npz(args.output, names, s.tensor)
+            _write_npz(args.output, names, produce)
         else:
-            tensors = {n: s.tensor(n) for n in names}
+            tensors = {n: produce(n) for n in names}
             if fmt == "pt":
                 _write_pt(args.output, tensors, {n: out_dtype(n) for n in names}, aliases)
             else:
@@ -98,6 +100,19 @@ def cmd_decompress(args):
               f"{args.output}" + (f" ({len(written) - 1} shards + index)" if shard else "")
               + extra)
     return 0
+
+
+def _in_order(pairs):
+    """``produce(name)`` over an iterator of ``(name, array)`` that the writers call in
+    the same order (tensors decode ahead on threads, see ``OpqStream.decoded``)."""
+    it = iter(pairs)
+
+    def produce(name):
+        got, a = next(it)
+        if got != name:  # pragma: no cover - the writers keep the order of names
+            raise AssertionError(f"tensor {name!r} asked for, {got!r} decoded")
+        return a
+    return produce
 
 
 def _write_npz(path, names, produce):

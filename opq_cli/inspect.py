@@ -36,14 +36,16 @@ def cmd_inspect(args):
         from opq_core.kernels import mask_coding_cost
         with OpqStream(args.file) as s:
             f = s.file
-            names = f.plan.names
+            # every blob decoded and checked in full (layers on threads); its mask is where
+            # the weights are nonzero (a kept weight never decodes to 0), without
+            # dequantizing them
+            layers = s.decoded(f.plan.names, masks=True)
             if _progress(args):
                 from tqdm import tqdm
-                names = tqdm(names, desc="verify", unit="layer", leave=False)
-            for name in names:
-                # the blob decoded and checked in full; its mask is where the weights are
-                # nonzero (a kept weight never decodes to 0), without dequantizing them
-                costs[name] = mask_coding_cost(s.layer_codes(name)[0])
+                layers = tqdm(layers, total=len(f.plan.names), desc="verify", unit="layer",
+                              leave=False)
+            for name, mask in layers:
+                costs[name] = mask_coding_cost(mask)
     else:
         f = read_opq(args.file, decode=False)
     rates = input_rates(f)

@@ -338,3 +338,61 @@ def _decode_layer_blob(lp, blob: bytes, info: Mapping, want_codes=True):
         raise
     except ValueError as exc:
         raise OpqFormatError(f"{what}: {exc}") from None
+
+
+def _value_table(lp, cdt) -> np.ndarray:
+    """``table[channel, symbol]``: the dequantized value of each symbol in each channel,
+    from :func:`opq_core.kernels.dequantize` itself on every code (bit for bit what it
+    gives a whole layer: its value depends on the code and the channel only)."""
+    from .kernels import dequantize, symbols_to_codes
+    code_of = symbols_to_codes(np.arange(1 << lp.bits, dtype=np.uint8), lp.bits)
+    codes = np.ascontiguousarray(np.broadcast_to(code_of, (int(lp.shape[0]), code_of.size)))
+    return dequantize(codes, lp.kernel_scale, lp.thresholds, lp.step, lp.bits, lp.grid,
+                      dtype=cdt, layer=lp.name)
+
+
+def _decode_layer_dense(lp, blob: bytes, info: Mapping, want_values=True, want_mask=True):
+    """(mask, dense weights or None) of one layer from its blob, what
+    ``_decode_layer_blob`` then :func:`decode_layer` give (same checks, same errors); the
+    mask may be None when ``want_mask`` is False.
+
+    An entropy-coded layer on a uniform grid decodes in one pass without codes
+    (:mod:`opq_core._ans`); every other layer, and any stream that does not decode
+    cleanly, takes the general path (which raises the error a corrupt blob deserves)."""
+    from . import _ans
+    n, kept = lp.n, lp.kept
+    nsym = 1 << lp.bits
+    fused = (not _is_codebook(lp) and info.get("codes") == "entropy" and 0 < kept
+             and info.get("mask") in (("entropy",) if kept < n else ("none",))
+             and int(lp.shape[0]) * nsym <= n + (1 << 16))
+    if fused:
+        sizes = info["parts"]
+        offs = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        part = {k: blob[offs[i]:offs[i + 1]] for i, k in enumerate(_PARTS)}
+        fused = len(part["mask"]) % 4 == 0 and len(part["codes"]) % 4 == 0
+    if fused:
+        table = _read_varints(part["model"], nsym, f"layer {lp.name!r}")
+        try:
+            ccdf = _ans.categorical_cdf(table)
+            if kept < n:
+                mcdf = _ans.categorical_cdf(_bernoulli_byte_probs(kept, n))
+            else:
+                mcdf = np.array([0, 1 << _ans.PRECISION], np.uint32)
+        except ValueError:
+            fused = False
+    if fused:
+        dt = np.dtype(lp.dtype)
+        cdt = compute_dtype(dt)
+        vt = _value_table(lp, cdt) if want_values else np.zeros((1, 1), cdt)
+        mask = np.empty(n if (want_mask or not want_values) else 0, dtype=bool)
+        vals = np.empty(n if want_values else 0, dtype=cdt)
+        got, status = _ans.decode_dense(n, np.frombuffer(part["mask"], "<u4"), mcdf, kept == n,
+                                        np.frombuffer(part["codes"], "<u4"), ccdf, vt, mask,
+                                        vals)
+        if status == 0 and got == kept:
+            mask = mask.reshape(lp.shape) if mask.size else None
+            if not want_values:
+                return mask, None
+            return mask, vals.reshape(lp.shape).astype(dt, copy=False)
+    mask, codes = _decode_layer_blob(lp, blob, info, want_codes=want_values)
+    return mask, (decode_layer(lp, codes) if want_values else None)

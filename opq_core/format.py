@@ -59,8 +59,8 @@ import numpy as np
 from ._container import (CompressedFile, FORMAT_VERSION, LAYOUTS, LayerRecord,
                          MAX_WEIGHTS_PER_BYTE, OpqFormatError, _HEADER_TENSOR, _NP_DTYPES,
                          _PARTS, _PREFIX, _SHA_ZERO, _ST_DTYPES, _bad)
-from ._codec import (_bar, _decode_layer_blob, _encode_layer, _weight_and_mask, compress_weights,
-                     decode_layer, layer_codes)
+from ._codec import (_bar, _decode_layer_blob, _decode_layer_dense, _encode_layer,
+                     _weight_and_mask, compress_weights, decode_layer, layer_codes)
 from ._opqcheck import (_check_description, _description, _entry_bytes, _parse)
 
 
@@ -405,11 +405,11 @@ def read_opq(path, *, decode: bool = True, progress: bool = False) -> Compressed
                     layer = lp.name
                     blob = _entry_bytes(path, fb, header, start, _PREFIX + lp.name, lp.name)
                     try:
-                        mask, codes = _decode_layer_blob(lp, blob, info)
+                        mask, dense = _decode_layer_dense(lp, blob, info)
                         del blob
                         masks[lp.name] = mask
-                        weights[lp.name] = decode_layer(lp, codes)
-                        del codes
+                        weights[lp.name] = dense
+                        del dense
                     except (OpqFormatError, ValueError) as exc:
                         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                         if text.startswith(f"layer {lp.name!r}: "):
@@ -501,12 +501,27 @@ class OpqStream:
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise _bad(self._path, text, layer=name) from None
 
+    def _dense(self, name, want_values, want_mask=True):
+        lp = self.plan[name]
+        blob = _entry_bytes(self._path, self._fb, self._header, self._start,
+                            _PREFIX + name, name)
+        try:
+            return _decode_layer_dense(lp, blob, self._infos[name], want_values, want_mask)
+        except (OpqFormatError, ValueError) as exc:
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise _bad(self._path, text, layer=name) from None
+
+    def layer_mask(self, name) -> np.ndarray:
+        """A compressed layer's mask (plan layout), its blob decoded and checked in full as
+        :meth:`layer_codes` does (what ``opq inspect --verify`` needs)."""
+        return self._dense(name, False)[0]
+
     def tensor(self, name) -> np.ndarray:
         """A compressed layer's dense weights (in the stored tensor's layout, see
         ``LayerPlan.channel_axis``), or another tensor as it was written."""
         if name in self._infos:
             lp = self.plan[name]
-            return np.ascontiguousarray(lp.to_stored(decode_layer(lp, self.layer_codes(name)[1])))
+            return np.ascontiguousarray(lp.to_stored(self._dense(name, True, False)[1]))
         if name not in self.file.other_names:
             raise KeyError(name)
         e = self._header[name]
@@ -515,6 +530,43 @@ class OpqStream:
         le = dt.newbyteorder("<") if dt.itemsize > 1 else dt
         raw = self._fb[self._start + a:self._start + b]
         return np.frombuffer(raw, dtype=le).astype(dt).reshape(tuple(e["shape"]))
+
+    def decoded(self, names=None, *, masks=False, workers=None):
+        """``(name, array)`` for ``names`` (default :attr:`names`) in order: the tensors
+        (:meth:`tensor`), or with ``masks=True`` the masks of compressed layers
+        (:meth:`layer_mask`). ``workers`` threads (default: the CPU count, at most 8) decode
+        the next tensors while the caller uses one: memory is about ``workers + 1``
+        tensors. The decoding kernels release the GIL; errors surface in order, as the
+        tensor they concern is reached."""
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+        names = list(self.names if names is None else names)
+        fn = self.layer_mask if masks else self.tensor
+        if workers is None:
+            workers = min(8, os.cpu_count() or 1)
+        workers = max(1, int(workers))
+        if workers == 1 or len(names) < 2:
+            for n in names:
+                yield n, fn(n)
+            return
+        with ThreadPoolExecutor(workers, thread_name_prefix="opq-decode") as pool:
+            queue = deque()
+            todo = iter(names)
+            try:
+                for n in todo:
+                    queue.append((n, pool.submit(fn, n)))
+                    if len(queue) >= workers:
+                        break
+                while queue:
+                    n, fut = queue.popleft()
+                    for m in todo:
+                        queue.append((m, pool.submit(fn, m)))
+                        break
+                    yield n, fut.result()
+                    del fut
+            finally:
+                for _, fut in queue:
+                    fut.cancel()
 
     def close(self):
         if self._f is not None:

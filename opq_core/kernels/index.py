@@ -85,30 +85,33 @@ def _varint_len(g):
     return n
 
 
-_ONES = np.uint64(0x0101010101010101)
-_ONE = np.uint64(1)
+#: Multiplier that gathers the low bits of the 8 bytes of a word into its top byte.
+_GATHER = np.uint64(0x0102040810204080)
 
 
 @jit()
-def _byte_sum(x):
-    """Sum of the bytes of ``x`` when each is 0 or 1 (a bool mask read 8 entries at a time)."""
-    return np.int64((x * _ONES) >> np.uint64(56))
+def _pattern(x):
+    """The 8 entries of a word of bool bytes as the bits of one byte (entry t = bit t):
+    the partial products of ``x * _GATHER`` land on distinct bits, so nothing carries."""
+    return (x * _GATHER) >> np.uint64(56)
 
 
-@jit()
-def _low_byte(x):
-    """Index of the lowest non-zero byte of ``x != 0`` (bytes 0 or 1)."""
-    low = x & (~x + _ONE)
-    return _byte_sum((low - _ONE) & _ONES)
+def _pattern_tables():
+    """Per 8-bit pattern of kept entries: their count, the first and last one, and the
+    gaps between consecutive ones (each below 7, one varint byte) as the bytes of a
+    uint64, the first gap in the low byte."""
+    count = np.zeros(256, np.int64)
+    low = np.zeros(256, np.int64)
+    high = np.zeros(256, np.int64)
+    inner = np.zeros(256, np.uint64)
+    for p in range(1, 256):
+        pos = [t for t in range(8) if p >> t & 1]
+        count[p], low[p], high[p] = len(pos), pos[0], pos[-1]
+        inner[p] = sum((b - a - 1) << (8 * i) for i, (a, b) in enumerate(zip(pos, pos[1:])))
+    return count, low, high, inner
 
 
-@jit()
-def _high_byte(x):
-    """Index of the highest non-zero byte of ``x != 0`` (bytes 0 or 1)."""
-    x = x | (x >> np.uint64(8))
-    x = x | (x >> np.uint64(16))
-    x = x | (x >> np.uint64(32))
-    return _byte_sum(x) - 1
+_P_COUNT, _P_LOW, _P_HIGH, _P_INNER = _pattern_tables()
 
 
 @jit()
@@ -116,7 +119,7 @@ def _gap_scan_block(m, words, lo, hi, first, last, cnt, nbytes, b):
     """First/last kept position of the block, its kept count, and the varint bytes of the
     gaps of its kept positions, the first one counted from the block's start (corrected
     in :func:`_gap_offsets`). Eight entries at a time: within a word every kept entry but
-    the first has a gap below 8 (one byte), so a word costs a few integer operations."""
+    the first has a gap below 8 (one byte), so a word costs a multiply and table reads."""
     run = 0  # pruned entries since the last kept one (or the block's start)
     c = 0
     nby = 0
@@ -128,9 +131,10 @@ def _gap_scan_block(m, words, lo, hi, first, last, cnt, nbytes, b):
         if x == 0:
             run += 8
             continue
-        k = _byte_sum(x)
-        i0 = _low_byte(x)
-        h = _high_byte(x)
+        p = _pattern(x)
+        k = _P_COUNT[p]
+        i0 = _P_LOW[p]
+        h = _P_HIGH[p]
         c += k
         nby += _varint_len(run + i0) + (k - 1)
         if f < 0:
@@ -196,10 +200,10 @@ def _put_varint(out, at, g):
 def _gap_write_block(m, words, lo, hi, first, lead, at, end, out):
     """Varints of the kept positions of the block, eight entries at a time.
 
-    The common word (its first gap below 128, 8 bytes of room before the block's ``end``)
-    is written branch-free: a byte is stored for every entry and ``at`` moves on kept ones
-    only, so the stores of pruned entries land where the next kept entry of the block
-    writes (or on the room). Other words take the loop over their kept entries."""
+    A word's varints are the gap before its first kept entry, then the gaps between its
+    kept entries (one byte each, from :data:`_P_INNER`). With 8 bytes of room before the
+    block's ``end`` all 8 bytes are stored unconditionally and ``at`` moves by the kept
+    count only: the bytes past it land where the block writes next (or on the room)."""
     if lead < 0:
         return
     prev = first - lead - 1  # the previous kept position (global), or -1
@@ -208,23 +212,28 @@ def _gap_write_block(m, words, lo, hi, first, lead, at, end, out):
         x = words[wi]
         if x == 0:
             continue
+        p = _pattern(x)
         base = 8 * wi
-        if base + _low_byte(x) - prev - 1 < 128 and at + 8 <= end:
-            p = prev
-            for t in range(8):
-                k = np.int64((x >> np.uint64(8 * t)) & _ONE)
-                pos = base + t
-                out[at] = np.uint8((pos - p - 1) & 0xFF)
-                at += k
-                p = pos if k else p
-            prev = p
+        k = _P_COUNT[p]
+        inner = _P_INNER[p]
+        g = base + _P_LOW[p] - prev - 1
+        if g < 128 and at + 8 <= end:
+            o = out[at:at + 8]
+            o[0] = np.uint8(g)
+            o[1] = np.uint8(inner & np.uint64(0xFF))
+            o[2] = np.uint8((inner >> np.uint64(8)) & np.uint64(0xFF))
+            o[3] = np.uint8((inner >> np.uint64(16)) & np.uint64(0xFF))
+            o[4] = np.uint8((inner >> np.uint64(24)) & np.uint64(0xFF))
+            o[5] = np.uint8((inner >> np.uint64(32)) & np.uint64(0xFF))
+            o[6] = np.uint8((inner >> np.uint64(40)) & np.uint64(0xFF))
+            o[7] = np.uint8(inner >> np.uint64(48))
+            at += k
         else:
-            while x != 0:
-                low = x & (~x + _ONE)
-                pos = base + _byte_sum((low - _ONE) & _ONES)
-                at = _put_varint(out, at, pos - prev - 1)
-                prev = pos
-                x = x ^ low
+            at = _put_varint(out, at, g)
+            for t in range(k - 1):
+                out[at] = np.uint8((inner >> np.uint64(8 * t)) & np.uint64(0xFF))
+                at += 1
+        prev = base + _P_HIGH[p]
     for j in range(8 * nw, hi):
         if m[j]:
             at = _put_varint(out, at, j - prev - 1)
