@@ -16,7 +16,7 @@ __all__ = [
     "scores", "mask_from_scores", "topk_mask_by_magnitude", "mask_from_threshold",
     "symbol", "symbols", "code_of_symbol", "pack_bits", "unpack_bits", "pack_mask",
     "unpack_mask", "gap_encode", "gap_decode", "pack_codes", "unpack_codes",
-    "packed_matmul",
+    "packed_matmul", "band_scan",
 ]
 
 
@@ -143,6 +143,43 @@ def scores(w, q_c, dead=None):
     if dead is not None:
         sc[np.asarray(dead, bool)] = -np.inf
     return sc.reshape(-1)
+
+
+def band_scan(w, q_c, s2, dead, lo, hi, running):
+    """One layer's band scan, one weight at a time (rows in one chunk): (below count, below
+    w^2 sum, below s_c^2 sum, candidate scores, w^2, s_c^2, flat indices), the candidates
+    being the scores in [lo, hi]. The sums run in the scan's order: ``running``, every
+    below weight added to the layer's totals in turn; otherwise a w^2 sum per row added to
+    the total and the row's s_c^2 times its count; a dead channel adds ``s_c^2 * fan``."""
+    x = _rows(w).astype(np.float64)
+    nb, sqb, s2b = 0, 0.0, 0.0
+    cand = ([], [], [], [])
+    for c in range(x.shape[0]):
+        fan = x.shape[1]
+        if dead[c]:
+            nb += fan
+            s2b += s2[c] * fan
+            continue
+        nrow, sqrow = 0, 0.0
+        for j in range(fan):
+            sq = x[c, j] * x[c, j]
+            score = sq - q_c[c]
+            if score < lo:
+                nrow += 1
+                if running:
+                    sqb += sq
+                    s2b += s2[c]
+                else:
+                    sqrow += sq
+            elif score <= hi:
+                for out, v in zip(cand, (score, sq, s2[c], c * fan + j)):
+                    out.append(v)
+        nb += nrow
+        if not running:
+            sqb += sqrow
+            s2b += s2[c] * float(nrow)
+    return (nb, sqb, s2b, np.array(cand[0], np.float64), np.array(cand[1], np.float64),
+            np.array(cand[2], np.float64), np.array(cand[3], np.int64))
 
 
 def mask_from_scores(score, lam, kept):
