@@ -18,82 +18,10 @@ import math
 
 import numpy as np
 
-from ._jit import prange, twins
 from ._plan import layer_mask_from
 from ._solver import _layer_scores
-from .select import select_global
+from .select import _BandPass, band_scan, select_global
 from .stats import as_matrix
-
-
-def _band_rows(x, qc, s2, dead, lo, hi, rows_per_chunk, cap, c_score, c_sq, c_s2, c_idx,
-               c_count, b_count, b_sq, b_s2, b_max, overflow):
-    C = x.shape[0]
-    fan = x.shape[1]
-    for ch in prange(c_count.shape[0]):
-        r0 = ch * rows_per_chunk
-        r1 = min(C, r0 + rows_per_chunk)
-        base = ch * cap
-        n = 0
-        nb = 0
-        sqb = 0.0
-        s2b = 0.0
-        mx = -np.inf
-        over = False
-        for c in range(r0, r1):
-            sc2 = s2[c]
-            if dead[c]:  # score -inf, w^2 = 0: pruned
-                nb += fan
-                s2b += sc2 * fan
-                continue
-            q = qc[c]
-            for j in range(fan):
-                v = np.float64(x[c, j])
-                sq = v * v
-                score = sq - q
-                if score < lo:
-                    nb += 1
-                    sqb += sq
-                    s2b += sc2
-                    if score > mx:
-                        mx = score
-                elif score <= hi:
-                    if n < cap:
-                        c_score[base + n] = score
-                        c_sq[base + n] = sq
-                        c_s2[base + n] = sc2
-                        c_idx[base + n] = c * fan + j
-                        n += 1
-                    else:
-                        over = True
-        c_count[ch] = n
-        b_count[ch] = nb
-        b_sq[ch] = sqb
-        b_s2[ch] = s2b
-        b_max[ch] = mx
-        overflow[ch] = over
-
-
-_band_rows, _band_rows_par = twins(_band_rows)
-
-
-class _Band:
-    """One layer's scan: below (count, w^2 sum, s_c^2 sum, largest score), candidates."""
-
-    def __init__(self, n, below, below_sq, below_s2, below_max, score, sq, s2, idx):
-        self.n, self.below, self.below_sq, self.below_s2 = n, below, below_sq, below_s2
-        self.below_max = below_max
-        self.score, self.sq, self.s2, self.idx = score, sq, s2, idx
-
-    @property
-    def above(self):
-        return self.n - self.below - self.score.size
-
-
-def _matrix(w):
-    m = as_matrix(np.asarray(w))
-    if m.dtype == np.float16:
-        m = m.astype(np.float32)
-    return np.ascontiguousarray(m)
 
 
 def _scan_layer(ctx, i, score_q, lo, hi, frac):
@@ -106,37 +34,11 @@ def _scan_layer(ctx, i, score_q, lo, hi, frac):
         s2f = np.repeat(s2, w.shape[1])
         low = sc < lo
         band = ~low & (sc <= hi)
-        fin = low & np.isfinite(sc)
-        return _Band(sc.size, int(low.sum()), float(sq[low].sum()), float(s2f[low].sum()),
-                     float(sc[fin].max()) if fin.any() else -np.inf,
-                     sc[band], sq[band], s2f[band], np.flatnonzero(band))
-    m = _matrix(ctx.arrays[ctx.names[i]])
-    C, fan = m.shape
-    n = m.size
-    nchunk = int(min(C, max(1, n // 32768)))
-    rows = -(-C // nchunk)
-    nchunk = -(-C // rows)
-    chunk = rows * fan
-    cap = int(min(chunk, math.ceil(3.0 * frac * chunk) + 256))
-    qc = float(score_q) * s2
-    dead = s <= 0
-    kern = _band_rows_par if nchunk > 1 else _band_rows
-    while True:
-        size = nchunk * cap
-        c_score, c_sq, c_s2 = np.empty(size), np.empty(size), np.empty(size)
-        c_idx = np.empty(size, dtype=np.int64)
-        c_count = np.zeros(nchunk, dtype=np.int64)
-        b_count = np.zeros(nchunk, dtype=np.int64)
-        b_sq, b_s2, b_max = np.zeros(nchunk), np.zeros(nchunk), np.zeros(nchunk)
-        overflow = np.zeros(nchunk, dtype=np.bool_)
-        kern(m, qc, s2, dead, float(lo), float(hi), rows, cap, c_score, c_sq, c_s2, c_idx,
-             c_count, b_count, b_sq, b_s2, b_max, overflow)
-        if not overflow.any():
-            break
-        cap = min(chunk, cap * 4)
-    take = np.concatenate([np.arange(k * cap, k * cap + c_count[k]) for k in range(nchunk)])
-    return _Band(n, int(b_count.sum()), float(b_sq.sum()), float(b_s2.sum()),
-                 float(b_max.max()), c_score[take], c_sq[take], c_s2[take], c_idx[take])
+        return _BandPass(sc.size, float(lo), int(low.sum()), float(sq[low].sum()),
+                         float(s2f[low].sum()), sc[band], sq[band], s2f[band],
+                         np.flatnonzero(band))
+    return band_scan(ctx.arrays[ctx.names[i]], float(score_q) * s2, s2, s <= 0, lo, hi, frac,
+                     running=True)
 
 
 def _estimate_band(sample, bits, score_q, S, floors, sizes, widen):
@@ -231,8 +133,10 @@ def _resolve(ctx, i, bd, kept, score_q):
         return -np.inf, 0.0, 0.0
     if not 0 <= need <= bd.score.size:
         return _exact_layer(ctx, i, score_q, p, kept)
-    if need == 0:
-        return bd.below_max, bd.below_sq, bd.below_s2
+    if need == 0:  # lam: the largest (finite) score below the band
+        sc = _layer_scores(ctx, i, score_q)
+        low = sc[(sc < bd.lo) & np.isfinite(sc)]
+        return (float(low.max()) if low.size else -np.inf), bd.below_sq, bd.below_s2
     v = float(np.partition(bd.score, need - 1)[need - 1])
     sel = bd.score < v
     eq = np.flatnonzero(bd.score == v)

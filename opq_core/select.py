@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._jit import jit, prange
+from ._jit import prange, twins
 from .stats import as_matrix
 
 __all__ = ["Selection", "select_global", "recount", "sample_scores", "band_half_width"]
@@ -42,18 +42,23 @@ def band_half_width(n_samples: int, p: float, margin: float, widen: float = 1.0)
     return widen * (5.0 * math.sqrt(max(n * p * (1.0 - p), 1.0)) / n + margin)
 
 
-@jit(parallel=True)
-def _band_pass(x, qc, s2, dead, lo, hi, rows_per_chunk, cap,
-               c_score, c_sq, c_s2, c_idx, c_count, b_count, b_sq, b_s2, overflow):
+def _band_chunks(x, qc, s2, dead, lo, hi, running, rows_per_chunk, cap, c_score, c_sq, c_s2,
+                 c_idx, c_count, b_count, b_sq, b_s2, overflow):
+    # One scan of a layer's scores ``w^2 - qc[c]`` in chunks of rows: the scores below
+    # ``lo`` are counted (with the sums of their w^2 and s_c^2), the ones inside [lo, hi]
+    # copied into the chunk's candidate buffer. ``running``: the sums are accumulated
+    # weight by weight into the chunk's totals (the size-budget solver's order); otherwise
+    # per row, then added (the selection's order).
     C = x.shape[0]
     fan = x.shape[1]
-    nchunk = c_count.shape[0]
+    # the in-band test is one well-predicted branch on a slightly widened interval, then
+    # the exact test (scores beyond +-1e300 are never candidates)
     lo_f = max(lo, -1e300)
     hi_f = min(hi, 1e300)
     mid = 0.5 * lo_f + 0.5 * hi_f
     half = 0.5 * hi_f - 0.5 * lo_f
     half = half + 8.0 * 2.220446049250313e-16 * (abs(mid) + half) + 1e-300
-    for ch in prange(nchunk):
+    for ch in prange(c_count.shape[0]):
         r0 = ch * rows_per_chunk
         r1 = min(C, r0 + rows_per_chunk)
         base = ch * cap
@@ -63,7 +68,6 @@ def _band_pass(x, qc, s2, dead, lo, hi, rows_per_chunk, cap,
         s2b = 0.0
         over = False
         for c in range(r0, r1):
-            q = qc[c]
             sc2 = s2[c]
             if dead[c]:
                 # an all-zero channel: every score is -inf, every w^2 is 0; always counted
@@ -72,11 +76,11 @@ def _band_pass(x, qc, s2, dead, lo, hi, rows_per_chunk, cap,
                 nb += fan
                 s2b += sc2 * fan
                 continue
-            # branch-free counting (the below/above test is a coin flip near the median);
-            # the in-band test is one well-predicted branch on a slightly widened
-            # interval, then the exact test
+            q = qc[c]
+            # branch-free counting (the below/above test is a coin flip near the median)
             nrow = 0.0
-            sqrow = 0.0
+            sqrow = sqb if running else 0.0
+            s2row = s2b
             for j in range(fan):
                 v = np.float64(x[c, j])
                 sq = v * v
@@ -84,6 +88,8 @@ def _band_pass(x, qc, s2, dead, lo, hi, rows_per_chunk, cap,
                 b = 1.0 if score < lo else 0.0
                 nrow += b
                 sqrow += sq * b
+                if running:
+                    s2row += sc2 * b
                 if abs(score - mid) <= half:
                     if score >= lo and score <= hi:
                         if n < cap:
@@ -95,13 +101,20 @@ def _band_pass(x, qc, s2, dead, lo, hi, rows_per_chunk, cap,
                         else:
                             over = True
             nb += np.int64(nrow)
-            sqb += sqrow
-            s2b += sc2 * nrow
+            if running:
+                sqb = sqrow
+                s2b = s2row
+            else:
+                sqb += sqrow
+                s2b += sc2 * nrow
         c_count[ch] = n
         b_count[ch] = nb
         b_sq[ch] = sqb
         b_s2[ch] = s2b
         overflow[ch] = over
+
+
+_band_chunks, _band_chunks_par = twins(_band_chunks)
 
 
 def _matrix(w):
@@ -127,7 +140,13 @@ def sample_scores(w, qc, dead, max_samples: int):
 
 
 @dataclass
-class _LayerPass:
+class _BandPass:
+    """One layer's band scan: ``n`` weights, ``below`` of them scoring under ``lo`` (with the
+    sums of their ``w^2`` and ``s_c^2``), and the candidates inside the band (score,
+    ``w^2``, ``s_c^2``, flat index)."""
+
+    n: int
+    lo: float
     below: int
     below_sq: float
     below_s2: float
@@ -136,8 +155,17 @@ class _LayerPass:
     s2: np.ndarray
     idx: np.ndarray
 
+    @property
+    def above(self):
+        return self.n - self.below - self.score.size
 
-def _run_pass(w, qc, s2, dead, lo, hi, frac_hint):
+
+def band_scan(w, qc, s2, dead, lo, hi, frac_hint, *, running=False, parallel=True):
+    """Scan one layer's scores ``w^2 - qc[c]`` once against the band ``[lo, hi]`` (a
+    :class:`_BandPass`). ``frac_hint``, the expected fraction of candidates, sizes the
+    buffers (on an overflow they grow and the scan is repeated); ``running``: the sums in
+    the size-budget solver's order (see ``_band_chunks``); ``parallel``: the parallel
+    kernel when the layer has more than one chunk of rows."""
     m = _matrix(w)
     C, fan = m.shape
     n = m.size
@@ -146,25 +174,23 @@ def _run_pass(w, qc, s2, dead, lo, hi, frac_hint):
     nchunk = -(-C // rows)
     chunk_elems = rows * fan
     cap = int(min(chunk_elems, math.ceil(frac_hint * chunk_elems * 3) + 256))
+    kern = _band_chunks_par if parallel and nchunk > 1 else _band_chunks
     while True:
         size = nchunk * cap
-        c_score = np.empty(size)
-        c_sq = np.empty(size)
-        c_s2 = np.empty(size)
+        c_score, c_sq, c_s2 = np.empty(size), np.empty(size), np.empty(size)
         c_idx = np.empty(size, dtype=np.int64)
         c_count = np.zeros(nchunk, dtype=np.int64)
         b_count = np.zeros(nchunk, dtype=np.int64)
-        b_sq = np.zeros(nchunk)
-        b_s2 = np.zeros(nchunk)
+        b_sq, b_s2 = np.zeros(nchunk), np.zeros(nchunk)
         overflow = np.zeros(nchunk, dtype=np.bool_)
-        _band_pass(m, qc, s2, dead, float(lo), float(hi), rows, cap, c_score, c_sq, c_s2,
-                   c_idx, c_count, b_count, b_sq, b_s2, overflow)
+        kern(m, qc, s2, dead, float(lo), float(hi), bool(running), rows, cap, c_score, c_sq,
+             c_s2, c_idx, c_count, b_count, b_sq, b_s2, overflow)
         if not overflow.any():
             break
         cap = min(chunk_elems, cap * 4)
     take = np.concatenate([np.arange(i * cap, i * cap + c_count[i]) for i in range(nchunk)])
-    return _LayerPass(int(b_count.sum()), float(b_sq.sum()), float(b_s2.sum()),
-                      c_score[take], c_sq[take], c_s2[take], c_idx[take])
+    return _BandPass(n, float(lo), int(b_count.sum()), float(b_sq.sum()), float(b_s2.sum()),
+                     c_score[take], c_sq[take], c_s2[take], c_idx[take])
 
 
 @dataclass
@@ -242,7 +268,7 @@ def select_global(weights, qcs, s2s, deads, k: int, *, sample_size: int | None =
             lo = -math.inf if i_lo < 0 else float(srt[i_lo])
             hi = math.inf if i_hi >= allsamp.size else float(srt[i_hi])
         frac = min(1.0, 2.5 * widen * 2 * band_half_width(allsamp.size, p, margin))
-        res = [_run_pass(w, q, s2, d, lo, hi, frac) for w, q, s2, d in zip(weights, qcs, s2s, deads)]
+        res = [band_scan(w, q, s2, d, lo, hi, frac) for w, q, s2, d in zip(weights, qcs, s2s, deads)]
         passes += 1
         below = sum(r.below for r in res)
         ncand = sum(r.score.size for r in res)

@@ -9,6 +9,8 @@ share no code and no trick with the kernels.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 __all__ = [
@@ -16,7 +18,7 @@ __all__ = [
     "scores", "mask_from_scores", "topk_mask_by_magnitude", "mask_from_threshold",
     "symbol", "symbols", "code_of_symbol", "pack_bits", "unpack_bits", "pack_mask",
     "unpack_mask", "gap_encode", "gap_decode", "pack_codes", "unpack_codes",
-    "packed_matmul",
+    "packed_matmul", "band_scan",
 ]
 
 
@@ -143,6 +145,43 @@ def scores(w, q_c, dead=None):
     if dead is not None:
         sc[np.asarray(dead, bool)] = -np.inf
     return sc.reshape(-1)
+
+
+def band_scan(w, q_c, s2, dead, lo, hi, running):
+    """One layer's band scan, one weight at a time (rows in one chunk): (below count, below
+    w^2 sum, below s_c^2 sum, candidate scores, w^2, s_c^2, flat indices), the candidates
+    being the scores in [lo, hi]. The sums run in the scan's order: ``running``, every
+    below weight added to the layer's totals in turn; otherwise a w^2 sum per row added to
+    the total and the row's s_c^2 times its count; a dead channel adds ``s_c^2 * fan``."""
+    x = _rows(w).astype(np.float64)
+    nb, sqb, s2b = 0, 0.0, 0.0
+    cand = ([], [], [], [])
+    for c in range(x.shape[0]):
+        fan = x.shape[1]
+        if dead[c]:
+            nb += fan
+            s2b += s2[c] * fan
+            continue
+        nrow, sqrow = 0, 0.0
+        for j in range(fan):
+            sq = x[c, j] * x[c, j]
+            score = sq - q_c[c]
+            if score < lo:
+                nrow += 1
+                if running:
+                    sqb += sq
+                    s2b += s2[c]
+                else:
+                    sqrow += sq
+            elif score <= hi:
+                for out, v in zip(cand, (score, sq, s2[c], c * fan + j)):
+                    out.append(v)
+        nb += nrow
+        if not running:
+            sqb += sqrow
+            s2b += s2[c] * float(nrow)
+    return (nb, sqb, s2b, np.array(cand[0], np.float64), np.array(cand[1], np.float64),
+            np.array(cand[2], np.float64), np.array(cand[3], np.int64))
 
 
 def mask_from_scores(score, lam, kept):
@@ -306,92 +345,81 @@ def packed_matmul(x, codes, scale, threshold, step, bits, grid="offset", codeboo
 
 def budget_objective_v1(w, S, bits_set, grid="offset", min_density=0.002):
     """The objective ``sum pruned w^2 + sum kept c_B s_c^2`` that the first size-budget
-    solver reached (Laplace constants): an exact bisection on the multiplier ``mu`` (each
-    layer takes the width minimizing ``sum_w min(w^2, c_B s_c^2 + mu B)``), then up to four
-    first-improvement passes over every single-layer width change, each scored at fixed
-    widths by a ratio bisection (``gain / B``) and a greedy fill by ratio."""
-    import heapq
-    import math
+    solver reached (Laplace constants), by enumeration rather than by its bisections.
 
+    Its start: the widths of the Lagrangian solution (each layer takes the (width, kept)
+    option minimizing ``error + mu * bits``) at the smallest multiplier ``mu`` whose
+    solution fits in ``S`` bits, taken just above it (ties: the narrower width); the
+    solution only changes where two options of a layer cost the same, so those multipliers
+    are enumerated. Then up to four first-improvement passes over every single-layer width
+    change, each scored at fixed widths by the greedy fill by ratio ``gain / B`` (the
+    floors first, then every positive gain in ratio order that still fits)."""
     from opq_core import error_model as em
 
-    data = []
+    layers, total = [], 0.0
     for name in w:
         x = _rows(w[name]).astype(np.float64)
         s = np.abs(x).mean(axis=1).astype(np.float16).astype(np.float64)
         live = s > 0
         sq = x * x
+        total += float(sq.sum())
         gains = []
         for b in bits_set:
             sc = sq - em.quantization_constant(b, grid, 0.0) * (s * s)[:, None]
-            sc[~live] = -np.inf
-            sc = sc.ravel()
-            gains.append(np.sort(sc[np.isfinite(sc)])[::-1])
+            gains.append(np.sort(sc[live].ravel())[::-1])
         floor = max(1, math.ceil(min_density * x.size - 1e-9)) if live.any() else 0
-        data.append((sq, s * s, live, gains, min(floor, int(live.sum()) * x.shape[1])))
-    total = sum(float(d[0].sum()) for d in data)
+        layers.append((gains, min(floor, int(live.sum()) * x.shape[1])))
+
+    # every (width, kept) option of every layer: cost in bits, error saved, width index
+    options = []
+    for gains, _ in layers:
+        cost = np.concatenate([b * np.arange(g.size + 1.0) for b, g in zip(bits_set, gains)])
+        saved = np.concatenate([np.concatenate([[0.0], np.cumsum(g)]) for g in gains])
+        width = np.concatenate([np.full(g.size + 1, j) for j, g in enumerate(gains)])
+        options.append((cost, saved, width))
 
     def lagrangian(mu):
-        choice, kept = [], []
-        for sq, s2, live, _, _ in data:
-            best = None
-            for j, b in enumerate(bits_set):
-                T = (em.quantization_constant(b, grid, 0.0) * s2 + mu * b)[live][:, None]
-                v = float(np.minimum(sq[live], T).sum())
-                if best is None or v < best[0]:
-                    best = (v, j, int((sq[live] > T).sum()))
-            choice.append(best[1])
-            kept.append(best[2])
-        return choice, sum(bits_set[j] * k for j, k in zip(choice, kept))
+        choice, used = [], 0.0
+        for cost, saved, width in options:
+            v = mu * cost - saved
+            best = np.flatnonzero(v == v.min())
+            o = best[np.argmin(width[best])]
+            choice.append(int(width[o]))
+            used += cost[o]
+        return choice, used
 
-    choice, c0 = lagrangian(0.0)
-    if c0 > S:
-        lo, hi = 0.0, max(float(d[0].max()) for d in data) / min(bits_set) * 2.0 + 1e-300
-        choice = lagrangian(hi)[0]
-        for _ in range(200):
-            mid = 0.5 * (lo + hi)
-            if mid <= lo or mid >= hi:
-                break
-            ch, c = lagrangian(mid)
-            if c <= S:
-                hi, choice = mid, ch
+    choice, used = lagrangian(0.0)
+    if used > S:
+        events = []
+        for cost, saved, _ in options:
+            dc = cost[:, None] - cost[None, :]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                mu = (saved[:, None] - saved[None, :]) / dc
+            events.append(mu[(dc > 0) & (mu > 0) & np.isfinite(mu)])
+        ev = np.unique(np.concatenate(events + [np.zeros(1)]))
+        probes = np.append(0.5 * (ev[:-1] + ev[1:]), 2.0 * ev[-1] + 1.0)
+        a, z = 0, probes.size - 1  # the first probe that fits (the cost falls with mu)
+        while a < z:
+            m = (a + z) // 2
+            if lagrangian(probes[m])[1] <= S:
+                z = m
             else:
-                lo = mid
+                a = m + 1
+        choice = lagrangian(probes[a])[0]
 
     def solve(ch):
-        g = [d[3][j] for d, j in zip(data, ch)]
         b = [bits_set[j] for j in ch]
-        base = [min(d[4], gi.size) for d, gi in zip(data, g)]
-
-        def counts(mu):
-            return [0 if gi.size == 0 else max(bs, int(np.sum(gi > mu * bi)))
-                    for gi, bi, bs in zip(g, b, base)]
-
-        if sum(bi * ki for bi, ki in zip(b, base)) > S:
+        g = [gains[j] for (gains, _), j in zip(layers, ch)]
+        k = [min(fl, gi.size) for (_, fl), gi in zip(layers, g)]
+        room = S - sum(bi * ki for bi, ki in zip(b, k))
+        if room < 0:
             return None
-        k = counts(0.0)
-        if sum(bi * ki for bi, ki in zip(b, k)) > S:
-            lo, hi = 0.0, max(gi[0] / bi for gi, bi in zip(g, b) if gi.size) * 2 + 1e-300
-            for _ in range(100):
-                mid = 0.5 * (lo + hi)
-                if not lo < mid < hi:
-                    break
-                if sum(bi * ki for bi, ki in zip(b, counts(mid))) <= S:
-                    hi = mid
-                else:
-                    lo = mid
-            k = counts(hi)
-            room = S - sum(bi * ki for bi, ki in zip(b, k))
-            heads = [(-(g[i][k[i]] / b[i]), i) for i in range(len(g))
-                     if k[i] < g[i].size and g[i][k[i]] > 0]
-            heapq.heapify(heads)
-            while heads and room >= min(b):
-                _, i = heapq.heappop(heads)
-                if b[i] <= room:
-                    k[i] += 1
-                    room -= b[i]
-                    if k[i] < g[i].size and g[i][k[i]] > 0:
-                        heapq.heappush(heads, (-(g[i][k[i]] / b[i]), i))
+        items = sorted(((-(gi[j] / bi), i, j) for i, (gi, bi) in enumerate(zip(g, b))
+                        for j in range(k[i], gi.size) if gi[j] > 0))
+        for _, i, _ in items:
+            if b[i] <= room:
+                k[i] += 1
+                room -= b[i]
         return total - sum(float(gi[:ki].sum()) for gi, ki in zip(g, k))
 
     cur = solve(choice)
@@ -399,7 +427,7 @@ def budget_objective_v1(w, S, bits_set, grid="offset", min_density=0.002):
         return None
     for _ in range(4):
         improved = False
-        for i in range(len(data)):
+        for i in range(len(layers)):
             for j in range(len(bits_set)):
                 if j == choice[i]:
                     continue

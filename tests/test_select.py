@@ -4,7 +4,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from opq_core.select import recount, select_global
+from opq_core.select import band_scan, recount, select_global
+
+import reference
 
 
 def oracle(ws, qcs, s2s, deads, k):
@@ -118,3 +120,23 @@ def test_recount_on_a_subset_equals_the_selection(seed, L, frac, shift, ties, de
     else:  # the k-th smallest score of the subset lies outside the band
         below = sum(sel.band[i].below for i in keep)
         assert not below < k <= below + sum(sel.band[i].score.size for i in keep)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**31), ties=st.booleans(), dead=st.booleans(),
+       running=st.booleans(), band=st.sampled_from(["inner", "all", "upper", "lower"]))
+def test_band_scan_equals_the_oracle_bit_for_bit(seed, ties, dead, running, band):
+    # the one band scan of the selection (per-row sums) and of the size-budget solver
+    # (running sums): counts, sums and candidates, in order, equal to a loop over weights
+    rng = np.random.default_rng(seed)
+    (w,), (q,), (s2,), (d,) = problem(rng, 1, ties, dead)
+    sc = np.asarray(w, np.float64) ** 2 - q[:, None]
+    a, b = np.sort(rng.choice(sc.ravel(), 2))
+    lo, hi = {"inner": (a, b), "all": (-np.inf, np.inf), "upper": (a, np.inf),
+              "lower": (-np.inf, b)}[band]
+    got = band_scan(w, q, s2, d, lo, hi, 0.01, running=running)
+    want = reference.band_scan(w, q, s2, d, lo, hi, running)
+    assert (got.below, got.below_sq, got.below_s2) == want[:3]
+    for g, e in zip((got.score, got.sq, got.s2, got.idx), want[3:]):
+        assert g.dtype == e.dtype and g.tobytes() == e.tobytes()
+    assert got.above == w.size - want[0] - want[3].size
