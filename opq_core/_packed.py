@@ -338,33 +338,6 @@ def _row_columns_bitmask(idx, rbase, j, cols, cidx, pos8, cnt8):
     n = 0
     if (rbase & 7) == 0:  # whole bytes of the bitmask (cols % 8 == 0, or row 0)
         q = np.uint64((rbase + j) >> 3)
-        while n < _CHUNK - 8 and cols - j >= 16:  # two bytes a step
-            v = idx[q]
-            v2 = idx[q + np.uint64(1)]
-            p = np.uint64(v) * np.uint64(8)
-            p2 = np.uint64(v2) * np.uint64(8)
-            c = cnt8[v]
-            c2 = cnt8[v2]
-            nu = np.uint64(n)
-            nu2 = np.uint64(n + c)
-            j2 = j + 8
-            cidx[nu] = j + pos8[p]
-            cidx[nu + np.uint64(1)] = j + pos8[p + np.uint64(1)]
-            cidx[nu + np.uint64(2)] = j + pos8[p + np.uint64(2)]
-            cidx[nu + np.uint64(3)] = j + pos8[p + np.uint64(3)]
-            if c > 4:
-                for t in range(4, 8):
-                    cidx[nu + np.uint64(t)] = j + pos8[p + np.uint64(t)]
-            cidx[nu2] = j2 + pos8[p2]
-            cidx[nu2 + np.uint64(1)] = j2 + pos8[p2 + np.uint64(1)]
-            cidx[nu2 + np.uint64(2)] = j2 + pos8[p2 + np.uint64(2)]
-            cidx[nu2 + np.uint64(3)] = j2 + pos8[p2 + np.uint64(3)]
-            if c2 > 4:
-                for t in range(4, 8):
-                    cidx[nu2 + np.uint64(t)] = j2 + pos8[p2 + np.uint64(t)]
-            n += c + c2
-            j += 16
-            q += np.uint64(2)
         while n < _CHUNK and cols - j >= 8:
             v = idx[q]
             p = np.uint64(v) * np.uint64(8)
