@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._jit import jit
+from .kernels.index import _P_LOW  # lowest set bit of a byte
 
 PRECISION = 24
 _LUT_BITS = 12  # a first guess of the symbol from the top bits of the quantile
@@ -74,8 +75,6 @@ _SYM = np.uint64(49)
 _AMBIG = np.uint64(63)
 _WIDTH = np.uint64(24)
 _WMASK = np.uint64((1 << 25) - 1)
-#: Index of the lowest set bit of a byte.
-_TRAILING = np.array([0] + [(i & -i).bit_length() - 1 for i in range(1, 256)], np.int64)
 
 
 @jit()
@@ -183,7 +182,7 @@ def _decode_dense(n, mwords, mcdf, mlut, all_kept, cwords, ccdf, clut, table, m_
                 v_out[base + t] = 0.0
         x = pat
         while x:
-            t = _TRAILING[x]
+            t = _P_LOW[x]
             x &= x - 1
             q = cstate & _LOW
             e = clut[q >> _SHIFT]

@@ -279,13 +279,17 @@ def _encode_layer(lp, codes, mask, layout) -> tuple[bytes, dict]:
     return b"".join(parts), info
 
 
+def _blob_parts(blob: bytes, info: Mapping) -> dict:
+    """A layer blob cut into its parts (:data:`_PARTS`) by the sizes its header lists."""
+    offs = np.concatenate([[0], np.cumsum(info["parts"])]).astype(int)
+    return {k: blob[offs[i]:offs[i + 1]] for i, k in enumerate(_PARTS)}
+
+
 def _decode_layer_blob(lp, blob: bytes, info: Mapping, want_codes=True):
     """(mask, codes) of one layer from its blob."""
     from .kernels import gap_decode, symbols_to_codes, unpack_bits, unpack_codes, unpack_mask
     what = f"layer {lp.name!r}"
-    sizes = info["parts"]
-    offs = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-    part = {k: blob[offs[i]:offs[i + 1]] for i, k in enumerate(_PARTS)}
+    part = _blob_parts(blob, info)
     n, kept = lp.n, lp.kept
     mc = info["mask"]
     try:
@@ -366,9 +370,7 @@ def _decode_layer_dense(lp, blob: bytes, info: Mapping, want_values=True, want_m
              and info.get("mask") in (("entropy",) if kept < n else ("none",))
              and int(lp.shape[0]) * nsym <= n + (1 << 16))
     if fused:
-        sizes = info["parts"]
-        offs = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-        part = {k: blob[offs[i]:offs[i + 1]] for i, k in enumerate(_PARTS)}
+        part = _blob_parts(blob, info)
         fused = len(part["mask"]) % 4 == 0 and len(part["codes"]) % 4 == 0
     if fused:
         table = _read_varints(part["model"], nsym, f"layer {lp.name!r}")

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._jit import jit, prange, twins
+from .kernels.index import _P_COUNT, _P_POS
 
 __all__ = ["PackedLayer", "pack_layer", "packed_matmul", "INDEX_KINDS", "MAX_BLOCKS"]
 
@@ -55,14 +56,6 @@ INDEX_KINDS = ("none", "bitmask", "gap")
 #: At most this many row blocks (checkpoints) per layer.
 MAX_BLOCKS = 256
 _GRIDS = {"offset": 0, "symmetric": 1, "codebook": 2}
-
-# trailing zeros of a 32-bit word's lowest set bit b: _DB32[((b * _DEBRUIJN) >> 27) & 31]
-# (the product stays below 2**63: no overflow, with or without the JIT)
-_DEBRUIJN = 0x077CB531
-_DB32 = np.zeros(32, dtype=np.int64)
-for _i in range(32):
-    _DB32[(((1 << _i) * _DEBRUIJN) >> 27) & 31] = _i
-del _i
 
 
 def _fn_where(fn, name):
@@ -313,19 +306,6 @@ def _fill_lut(lut, grid, s, theta, step, kbits, cb):
 #: Kept weights decoded per chunk of a row (a multiple of the 4 accumulation lanes).
 _CHUNK = 2048
 
-# the set bits of a byte, lowest first (_POS8[8 b + t], t < _CNT8[b]), to expand a bitmask
-_POS8 = np.zeros(256 * 8, dtype=np.int64)
-_CNT8 = np.zeros(256, dtype=np.int64)
-for _b in range(256):
-    _t = 0
-    for _i in range(8):
-        if (_b >> _i) & 1:
-            _POS8[8 * _b + _t] = _i
-            _t += 1
-    _CNT8[_b] = _t
-del _b, _t, _i
-
-
 @jit()
 def _row_columns_bitmask(idx, rbase, j, cols, cidx, pos8, cnt8):
     """Columns of the set bits of row bits ``rbase + j ..`` into ``cidx`` (at most
@@ -456,7 +436,7 @@ def _mm_block(x64, y, kind, idx, cbytes, bits, grid, scale, thr, step, cb, cols,
     Row by row, chunk by chunk: the kept weights' columns (from the bitmask or the gap
     code), their values (symbols through the row's table), then four float64 lanes."""
     nb = x64.shape[1]
-    lut32 = np.empty(1 << bits, np.float64)
+    levels = np.empty(1 << bits, np.float64)
     lut = np.empty(1 << bits, np.float64)
     cidx = np.empty(_CHUNK + 8, np.int64)
     vals = np.empty(_CHUNK + 8, np.float64)
@@ -468,10 +448,10 @@ def _mm_block(x64, y, kind, idx, cbytes, bits, grid, scale, thr, step, cb, cols,
     pend = -1  # gap code: a decoded position that belongs to a later row
     for row in range(r0, r1):
         if grid != 2 or row == r0 or scale.shape[0]:
-            _fill_lut(lut32, grid, scale[row] if scale.shape[0] else 1.0,
+            _fill_lut(levels, grid, scale[row] if scale.shape[0] else 1.0,
                       thr[row] if grid != 2 else 0.0, step, kbits, cb)
             for t in range(lut.shape[0]):  # the float32 weight, exactly, in float64
-                lut[t] = np.float64(np.float32(lut32[t]))
+                lut[t] = np.float64(np.float32(levels[t]))
         for lane in range(4):
             for b in range(nb):
                 acc[lane, b] = 0.0
@@ -583,5 +563,5 @@ def packed_matmul(layer: PackedLayer, x, *, parallel: bool | None = None, out=No
     kern(x64, y, INDEX_KINDS.index(layer.index), layer.index_bytes, layer.code_bytes,
          layer.bits, _GRIDS[layer.grid], layer.scale, layer.threshold, layer.step,
          layer.codebook, layer.cols, layer.block_row, layer.block_sym, layer.block_gap,
-         layer.block_pos, _POS8, _CNT8)
+         layer.block_pos, _P_POS, _P_COUNT)
     return y.reshape(-1) if vec else y

@@ -492,21 +492,18 @@ class OpqStream:
     def layer_codes(self, name) -> tuple:
         """``(mask, codes)`` of a compressed layer, its blob decoded and checked in full
         (what :meth:`tensor` dequantizes; ``opq inspect --verify`` needs no more)."""
-        lp = self.plan[name]
-        blob = _entry_bytes(self._path, self._fb, self._header, self._start,
-                            _PREFIX + name, name)
-        try:
-            return _decode_layer_blob(lp, blob, self._infos[name])
-        except (OpqFormatError, ValueError) as exc:
-            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise _bad(self._path, text, layer=name) from None
+        return self._decode(name, _decode_layer_blob)
 
     def _dense(self, name, want_values, want_mask=True):
-        lp = self.plan[name]
+        return self._decode(name, _decode_layer_dense, want_values, want_mask)
+
+    def _decode(self, name, decoder, *args):
+        """``decoder(plan, blob, info, *args)`` on a compressed layer's blob; a bad blob
+        raises the file's one-line error naming the layer."""
         blob = _entry_bytes(self._path, self._fb, self._header, self._start,
                             _PREFIX + name, name)
         try:
-            return _decode_layer_dense(lp, blob, self._infos[name], want_values, want_mask)
+            return decoder(self.plan[name], blob, self._infos[name], *args)
         except (OpqFormatError, ValueError) as exc:
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise _bad(self._path, text, layer=name) from None

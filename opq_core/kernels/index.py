@@ -97,21 +97,26 @@ def _pattern(x):
 
 
 def _pattern_tables():
-    """Per 8-bit pattern of kept entries: their count, the first and last one, and the
-    gaps between consecutive ones (each below 7, one varint byte) as the bytes of a
-    uint64, the first gap in the low byte."""
+    """Per 8-bit pattern of kept entries (entry t = bit t): their count, the first and last
+    one, their positions (``positions[8 p + i]``, the i-th lowest, for ``i < count[p]``),
+    and the gaps between consecutive ones (each below 7, one varint byte) as the bytes of a
+    uint64, the first gap in the low byte. Pattern 0 has count 0 and first/last 0."""
     count = np.zeros(256, np.int64)
     low = np.zeros(256, np.int64)
     high = np.zeros(256, np.int64)
+    positions = np.zeros(256 * 8, np.int64)
     inner = np.zeros(256, np.uint64)
     for p in range(1, 256):
         pos = [t for t in range(8) if p >> t & 1]
         count[p], low[p], high[p] = len(pos), pos[0], pos[-1]
+        positions[8 * p:8 * p + len(pos)] = pos
         inner[p] = sum((b - a - 1) << (8 * i) for i, (a, b) in enumerate(zip(pos, pos[1:])))
-    return count, low, high, inner
+    return count, low, high, positions, inner
 
 
-_P_COUNT, _P_LOW, _P_HIGH, _P_INNER = _pattern_tables()
+#: The byte-pattern tables of :func:`_pattern_tables` (also read by the packed matmul and
+#: the entropy decoder, which expand bitmask bytes).
+_P_COUNT, _P_LOW, _P_HIGH, _P_POS, _P_INNER = _pattern_tables()
 
 
 @jit()
