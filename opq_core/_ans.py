@@ -94,8 +94,25 @@ def _start(words):
     return pos, state
 
 
-# The step of a symbol is written out in each loop below: a helper returning the tuple
-# (symbol, words left, state) runs at half the speed even when Numba inlines it.
+
+@jit()
+def _step(state, cdf, lut):
+    """The symbol at the coder's ``state`` and the state after it, before any refill (the
+    caller refills: keeping the words left and the stream out of the returned tuple keeps
+    the decoding loops at full speed)."""
+    q = state & _LOW
+    e = lut[q >> _SHIFT]
+    s = np.int64(e >> _SYM) & 0x1FF
+    if e >> _AMBIG:
+        while np.uint64(cdf[s + 1]) <= q:
+            s += 1
+        c = np.uint64(cdf[s])
+        f = np.uint64(cdf[s + 1]) - c
+    else:
+        c = e & _LOW
+        f = (e >> _WIDTH) & _WMASK
+    return s, (state >> _PREC) * f + (q - c)
+
 
 @jit()
 def _decode_symbols(words, cdf, lut, out):
@@ -106,18 +123,7 @@ def _decode_symbols(words, cdf, lut, out):
     if pos < 0:
         return 2
     for i in range(out.shape[0]):
-        q = state & _LOW
-        e = lut[q >> _SHIFT]
-        s = np.int64(e >> _SYM) & 0x1FF
-        if e >> _AMBIG:
-            while np.uint64(cdf[s + 1]) <= q:
-                s += 1
-            c = np.uint64(cdf[s])
-            f = np.uint64(cdf[s + 1]) - c
-        else:
-            c = e & _LOW
-            f = (e >> _WIDTH) & _WMASK
-        state = (state >> _PREC) * f + (q - c)
+        s, state = _step(state, cdf, lut)
         if state < _REFILL and pos > 0:
             pos -= 1
             state = (state << _WORD) | np.uint64(words[pos])
@@ -155,18 +161,7 @@ def _decode_dense(n, mwords, mcdf, mlut, all_kept, cwords, ccdf, clut, table, m_
         if all_kept:
             pat = (1 << width) - 1
         else:
-            q = mstate & _LOW
-            e = mlut[q >> _SHIFT]
-            s = np.int64(e >> _SYM) & 0x1FF
-            if e >> _AMBIG:
-                while np.uint64(mcdf[s + 1]) <= q:
-                    s += 1
-                c = np.uint64(mcdf[s])
-                f = np.uint64(mcdf[s + 1]) - c
-            else:
-                c = e & _LOW
-                f = (e >> _WIDTH) & _WMASK
-            mstate = (mstate >> _PREC) * f + (q - c)
+            s, mstate = _step(mstate, mcdf, mlut)
             if mstate < _REFILL and mpos > 0:
                 mpos -= 1
                 mstate = (mstate << _WORD) | np.uint64(mwords[mpos])
@@ -184,18 +179,7 @@ def _decode_dense(n, mwords, mcdf, mlut, all_kept, cwords, ccdf, clut, table, m_
         while x:
             t = _P_LOW[x]
             x &= x - 1
-            q = cstate & _LOW
-            e = clut[q >> _SHIFT]
-            s = np.int64(e >> _SYM) & 0x1FF
-            if e >> _AMBIG:
-                while np.uint64(ccdf[s + 1]) <= q:
-                    s += 1
-                c = np.uint64(ccdf[s])
-                f = np.uint64(ccdf[s + 1]) - c
-            else:
-                c = e & _LOW
-                f = (e >> _WIDTH) & _WMASK
-            cstate = (cstate >> _PREC) * f + (q - c)
+            s, cstate = _step(cstate, ccdf, clut)
             if cstate < _REFILL and cpos > 0:
                 cpos -= 1
                 cstate = (cstate << _WORD) | np.uint64(cwords[cpos])
