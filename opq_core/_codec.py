@@ -9,7 +9,7 @@ import numpy as np
 from ._container import (OpqFormatError, _MODEL_MAX, _PARTS)
 
 from ._plan import compute_dtype
-from .kernels.index import _put_varint, _varint_len
+from .kernels.index import _get_varint, _put_varint, _varint_len
 
 
 
@@ -177,10 +177,11 @@ def _quantized_table(symbols: np.ndarray, nsym: int) -> np.ndarray:
     return np.where(counts > 0, np.maximum(q, 1), 0)
 
 
-# The one LEB128 writer is the gap code's (kernels/index.py); a few hundred table entries
+# The one LEB128 writer and reader are the gap code's (kernels/index.py); a few hundred table entries
 # run its Python body, which costs less than a Numba call per entry.
 _PUT_VARINT = getattr(_put_varint, "py_func", _put_varint)
 _VARINT_LEN = getattr(_varint_len, "py_func", _varint_len)
+_GET_VARINT = getattr(_get_varint, "py_func", _get_varint)
 
 
 def _varints(values) -> bytes:
@@ -194,20 +195,13 @@ def _varints(values) -> bytes:
 
 
 def _read_varints(data: bytes, count: int, what: str) -> np.ndarray:
+    buf = np.frombuffer(data, dtype=np.uint8)
     vals = []
     i = 0
     for _ in range(count):
-        v = 0
-        shift = 0
-        while True:
-            if i >= len(data) or shift > 35:
-                raise OpqFormatError(f"{what}: malformed symbol model (corrupt file)")
-            b = data[i]
-            i += 1
-            v |= (b & 0x7F) << shift
-            shift += 7
-            if b < 128:
-                break
+        v, i = _GET_VARINT(buf, i)
+        if i < 0:
+            raise OpqFormatError(f"{what}: malformed symbol model (corrupt file)")
         vals.append(v)
     if i != len(data):
         raise OpqFormatError(f"{what}: symbol model has trailing bytes (corrupt file)")

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._jit import jit, prange, twins
-from .kernels.index import _P_COUNT, _P_POS
+from .kernels.index import _P_COUNT, _P_POS, _get_varint
 
 __all__ = ["PackedLayer", "pack_layer", "packed_matmul", "INDEX_KINDS", "MAX_BLOCKS"]
 
@@ -475,15 +475,11 @@ def _mm_block(x64, y, kind, idx, cbytes, bits, grid, scale, thr, step, cb, cols,
                         pend = -1
                 if pend < 0:
                     while n < _CHUNK and gp < idx.shape[0]:
-                        byte = np.int64(idx[gp])
-                        gp += 1
-                        g = byte & 0x7F
-                        sh = 7
-                        while byte >= 128:
-                            byte = np.int64(idx[gp])
+                        g = np.int64(idx[gp])
+                        if g < 128:  # most gaps fit one byte
                             gp += 1
-                            g |= (byte & 0x7F) << sh
-                            sh += 7
+                        else:  # checked when the layer was packed
+                            g, gp = _get_varint(idx, gp)
                         pos += g + 1
                         if pos >= rend:
                             pend = pos

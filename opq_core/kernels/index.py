@@ -304,27 +304,41 @@ def gap_encode(mask):
 
 
 @jit()
+def _get_varint(buf, i):
+    """The LEB128 varint at ``buf[i]`` (the one reader of the varints :func:`_put_varint`
+    writes) and the index after it; the index is -1 when the buffer ends inside it and -2
+    when it runs past 9 bytes."""
+    nb = buf.shape[0]
+    g = 0
+    shift = 0
+    while True:
+        if i >= nb:
+            return g, -1
+        if shift > 56:
+            return g, -2
+        byte = np.int64(buf[i])
+        i += 1
+        g |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 128:
+            return g, i
+
+
+@jit()
 def _gap_decode(buf, m):
     """Returns 0 when fine, else an error code: 1 truncated varint, 2 position >= n,
     3 varint longer than 9 bytes."""
     n = m.shape[0]
     i = 0
     pos = -1
-    nb = buf.shape[0]
-    while i < nb:
-        g = 0
-        shift = 0
-        while True:
-            if i >= nb:
-                return 1
-            if shift > 56:
-                return 3
-            byte = np.int64(buf[i])
+    while i < buf.shape[0]:
+        g = np.int64(buf[i])
+        if g < 128:  # most gaps fit one byte
             i += 1
-            g |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 128:
-                break
+        else:
+            g, i = _get_varint(buf, i)
+            if i < 0:
+                return 1 if i == -1 else 3
         if g >= n - pos - 1:
             return 2
         pos += g + 1
