@@ -16,6 +16,11 @@ d=512, 4 blocks) at sparsity 0.8, 4 bits, offset grid:
 - onnxruntime (CPU) session creation and inference latency (batch 1 and 16, sequence 8)
   as ratios to the dense ONNX model, same run; max |output - compressed torch model|.
 
+Loading (an MLP stack, d=1024, hidden 4096, 4 blocks, sparsity 0.8, 4 bits) into a fresh
+model, each way in a process of its own: ``opq_torch.load`` (dense latent weights),
+``load`` then ``pack(inplace=True)``, and ``opq_torch.load_packed`` (packed straight from
+the file's codes): peak and final resident memory above the built model, and time.
+
     python benchmarks/bench_deploy.py [--quick]
 
 Writes benchmarks/results/bench_deploy.json and .md (``--quick``: bench_deploy.quick.*).
@@ -150,6 +155,80 @@ def bench_onnx(d, hidden, blocks, repeat, tmp):
     return rows, sizes
 
 
+_LOAD_CHILD = r"""
+import gc, json, sys, time
+import torch, opq_torch
+sys.path.insert(0, sys.argv[5])
+from bench_deploy import MLPStack
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+def peak():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
+
+def run(mode, path, net):
+    if mode == "load_packed":
+        opq_torch.load_packed(path, net)
+    else:
+        opq_torch.load(path, net)
+        if mode == "load+pack":
+            opq_torch.pack(net, inplace=True)
+
+mode, path, small, dims = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+run(mode, small, MLPStack(64, 256, dims[2]).eval())  # compile the kernels first
+torch.manual_seed(1)
+net = MLPStack(*dims).eval()
+gc.collect()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak resident size restarts from here
+base = rss()
+t = time.perf_counter()
+run(mode, path, net)
+sec = time.perf_counter() - t
+gc.collect()
+print(json.dumps({"mode": mode, "seconds": sec, "peak_above_model": peak() - base,
+                  "held_above_model": rss() - base}))
+"""
+
+
+def bench_load(d, hidden, blocks, tmp):
+    """Loading a compressed file into a fresh model, each way in its own process: peak and
+    final resident memory above the freshly built (dense) model, and the time."""
+    import subprocess
+    torch.manual_seed(0)
+    net = MLPStack(d, hidden, blocks).eval()
+    dense_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    opq_torch.compress(net, sparsity=0.8, bits=4)
+    path = os.path.join(tmp, "load.opq")
+    f = opq_torch.save(net, path)
+    small = MLPStack(64, 256, blocks).eval()
+    opq_torch.compress(small, sparsity=0.8, bits=4)
+    opq_torch.save(small, os.path.join(tmp, "small.opq"))
+    packed_bytes = opq_torch.save(net, os.path.join(tmp, "load.packed.opq"),
+                                  layout="packed").file_bytes
+    del net
+    gc.collect()
+    rows = []
+    for mode in ("load", "load+pack", "load_packed"):
+        out = subprocess.run([sys.executable, "-c", _LOAD_CHILD, mode, path,
+                              os.path.join(tmp, "small.opq"), json.dumps([d, hidden, blocks]),
+                              HERE],
+                             capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append({"mode": mode, "seconds": r["seconds"],
+                     "peak_MB_above_model": r["peak_above_model"] / 2**20,
+                     "peak_vs_dense_weights": r["peak_above_model"] / dense_bytes,
+                     "held_MB_above_model": r["held_above_model"] / 2**20})
+    base = rows[1]["seconds"]
+    for r in rows:
+        r["time_vs_load+pack"] = r["seconds"] / base
+    return rows, {"dense_weight_bytes": dense_bytes, "opq_entropy_bytes": f.file_bytes,
+                  "opq_packed_bytes": packed_bytes}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1024 x 1024, fewer repeats")
@@ -159,10 +238,13 @@ def main(argv=None):
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         packed = bench_packed(n, (0.5, 0.8, 0.9), 4, repeat, tmp)
+        load_rows, load_sizes = bench_load(512 if args.quick else 1024,
+                                           1024 if args.quick else 4096, 4, tmp)
         onnx_rows, sizes = bench_onnx(256 if args.quick else 512, 1024 if args.quick else 2048,
                                       2 if args.quick else 4, repeat, tmp)
     result = {"packed_layer": {"shape": [n, n], "bits": 4, "rows": packed},
-              "onnx": {"rows": onnx_rows, **sizes}, "torch_threads": torch.get_num_threads(),
+              "onnx": {"rows": onnx_rows, **sizes},
+              "load": {"rows": load_rows, **load_sizes}, "torch_threads": torch.get_num_threads(),
               "seconds": time.time() - t0, "machine": machine()}
     name = "bench_deploy" + (".quick" if args.quick else "")
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
@@ -181,6 +263,14 @@ def main(argv=None):
                                    "opq_entropy_bytes"]), "",
           markdown_table(onnx_rows, ["batch", "dense_onnx_ms", "latency_vs_dense_onnx",
                                      "max_abs_err"]), "",
+          f"### Loading a .opq file (MLP stack, {load_sizes['dense_weight_bytes'] / 2**20:.0f} MB "
+          "of float32 weights, sparsity 0.8, 4 bits, entropy layout) into a freshly built "
+          "model, each way in its own process: memory above the built model", "",
+          markdown_table(load_rows, ["mode", "seconds", "time_vs_load+pack",
+                                     "peak_MB_above_model", "peak_vs_dense_weights",
+                                     "held_MB_above_model"]), "",
+          f"File bytes: entropy {load_sizes['opq_entropy_bytes']}, packed "
+          f"{load_sizes['opq_packed_bytes']}.", "",
           f"torch threads {torch.get_num_threads()}, {machine()['cpus']} CPUs; "
           f"{result['seconds']:.0f} s."]
     mpath = os.path.join(HERE, "results", name + ".md")

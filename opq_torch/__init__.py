@@ -22,7 +22,7 @@ from .ste import CodebookSTE, FakeQuantSTE, fake_quant_codebook_ste, fake_quant_
 __all__ = ["compress", "restore", "is_compressed", "plan_of", "masks_of", "compressed_weights",
            "strip", "plan_from_state_dict", "quantizers", "finetune", "recalibrate", "History", "EpochStats", "save", "load",
            "FakeQuantSTE", "CodebookSTE", "fake_quant_ste", "fake_quant_codebook_ste",
-           "QuantizedWeight", "load_pretrained", "pack", "export_onnx"]
+           "QuantizedWeight", "load_pretrained", "pack", "load_packed", "export_onnx"]
 
 
 def save(model, path, *args, **kwargs):
@@ -48,6 +48,13 @@ def pack(model, *args, **kwargs):
     """Replace every compressed layer by a packed module (see :mod:`opq_torch.packing`)."""
     from .packing import pack as _pack
     return _pack(model, *args, **kwargs)
+
+
+def load_packed(path, model, *args, **kwargs):
+    """Read an .opq file into a fresh ``model`` with its compressed layers packed, straight
+    from the file's codes (see :func:`opq_torch.packing.load_packed`)."""
+    from .packing import load_packed as _load_packed
+    return _load_packed(path, model, *args, **kwargs)
 
 
 def export_onnx(model, example_input, path, *args, **kwargs):

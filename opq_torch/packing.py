@@ -44,7 +44,7 @@ from opq_core.format import layer_codes
 
 from .compress import _compressed_modules, _require
 
-__all__ = ["pack", "PackedLinear", "PackedConv", "is_packed", "packed_nbytes"]
+__all__ = ["pack", "load_packed", "PackedLinear", "PackedConv", "is_packed", "packed_nbytes"]
 
 _ARRAYS = ("index_bytes", "code_bytes", "scale", "threshold", "codebook", "block_row",
            "block_sym", "block_gap", "block_pos")
@@ -211,20 +211,10 @@ def pack(model: nn.Module, *, inplace: bool = False, small_batch: int = 32,
     if index not in ("auto", "bitmask", "gap"):
         raise ValueError(f"pack: index must be 'auto', 'bitmask' or 'gap', got {index!r}")
     for path, mod, attr, q in mods:
-        if attr != "weight" or not isinstance(mod, (nn.Linear, *_CONV, *_CONVT)):
-            raise ValueError(f"pack: layer {q.name!r} is a {type(mod).__name__}; only Linear "
-                             "and Conv/ConvTranspose layers can be packed")
-        if q.layer.channel_axis:
-            raise ValueError(f"pack: layer {q.name!r} ({type(mod).__name__}) is planned along "
-                             f"its stored axis {q.layer.channel_axis}; packed layers hold plans "
-                             "along axis 0 (compress it with a plan along axis 0, e.g. from the "
-                             "command line, to pack it)")
+        _check_packable("pack", q.layer, path, mod, attr)
         if len(mod.parametrizations.weight) != 1:
             raise ValueError(f"pack: layer {q.name!r} has {len(mod.parametrizations.weight)} "
                              "parametrizations on its weight; only opq's can be packed")
-        if path == "":
-            raise ValueError(f"pack: the model itself is the compressed layer {q.name!r}; "
-                             "wrap it in a container (e.g. nn.Sequential) to pack it")
     out = model if inplace else copy.deepcopy(model)
     for path, mod, _, q in _compressed_modules(out):
         lp = q.layer
@@ -235,13 +225,133 @@ def pack(model: nn.Module, *, inplace: bool = False, small_batch: int = 32,
         mask = q.mask.detach().cpu().numpy()
         # the effective weights are on the plan's grid: quantizing them gives their codes
         pl = pack_layer(lp, layer_codes(lp, wn, mask), mask, index=index)
-        if isinstance(mod, nn.Linear):
-            new = PackedLinear(pl, mod.bias, wdt, small_batch=small_batch)
-        else:
-            new = PackedConv(pl, mod, wdt)
-        new.to(device=w.device)
-        _set_module(out, path, new)
+        _set_module(out, path, _packed_module(pl, mod, wdt, small_batch).to(device=w.device))
     return out
+
+
+def _check_packable(fn, lp, path, mod, attr):
+    """ValueError unless plan layer ``lp`` is the weight of a Linear / Conv module
+    ``mod`` (at ``path``, not the model itself) planned along axis 0."""
+    if attr != "weight" or not isinstance(mod, (nn.Linear, *_CONV, *_CONVT)):
+        raise ValueError(f"{fn}: layer {lp.name!r} is a {type(mod).__name__}; only Linear "
+                         "and Conv/ConvTranspose layers can be packed")
+    if lp.channel_axis:
+        raise ValueError(f"{fn}: layer {lp.name!r} ({type(mod).__name__}) is planned along "
+                         f"its stored axis {lp.channel_axis}; packed layers hold plans "
+                         "along axis 0 (compress it with a plan along axis 0, e.g. from the "
+                         "command line, to pack it)")
+    if path == "":
+        raise ValueError(f"{fn}: the model itself is the compressed layer {lp.name!r}; "
+                         "wrap it in a container (e.g. nn.Sequential) to pack it")
+
+
+def _packed_module(pl, mod, wdt, small_batch):
+    if isinstance(mod, nn.Linear):
+        return PackedLinear(pl, mod.bias, wdt, small_batch=small_batch)
+    return PackedConv(pl, mod, wdt)
+
+
+def load_packed(path, model: nn.Module, *, small_batch: int = 32, index: str = "auto",
+                progress: bool = False) -> nn.Module:
+    """Read an ``.opq`` file into ``model`` with its compressed layers packed, straight
+    from the file's codes: the dense weights of the compressed layers are never built.
+
+    ``model`` is a fresh (not compressed) instance of the saved architecture, as for
+    :func:`opq_torch.load`; every compressed layer must be the weight of a Linear or
+    Conv/ConvTranspose module planned along axis 0 (what :func:`pack` packs). The result
+    equals ``pack(load(path, model), index=index)``: the same packed buffers, outputs bit
+    for bit. Memory: besides the model, one layer's mask and codes (2 bytes per weight)
+    at a time; each dense weight of ``model`` that a packed module replaces is released.
+    Everything is checked before the model is touched.
+
+    Returns ``model`` itself, packed.
+    """
+    from opq_core.format import OpqStream
+
+    from ._layers import discover
+    from .io import _saved_names
+    fn = "load_packed"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+    if _compressed_modules(model) or is_packed(model):
+        raise ValueError(f"{fn}: model is already compressed or packed; pass a freshly "
+                         "built model")
+    if not isinstance(small_batch, int) or isinstance(small_batch, bool) or small_batch < 0:
+        raise ValueError(f"{fn}: small_batch must be an int >= 0, got {small_batch!r}")
+    if index not in ("auto", "bitmask", "gap"):
+        raise ValueError(f"{fn}: index must be 'auto', 'bitmask' or 'gap', got {index!r}")
+    with OpqStream(path) as st:
+        where = f"{fn}: {str(path)!r} does not fit this model"
+        layers = discover(model, fn=fn)
+        sd = model.state_dict()
+        renamed = _saved_names(model, fn)
+
+        def canon(name):
+            m = name if name in sd else renamed(name)
+            return layers.aliases.get(m, m)
+
+        keys, ignored = {}, []
+        for name in st.names:
+            key, (shape, dt) = canon(name), st.info(name)
+            if key in keys.values():
+                raise ValueError(f"{where}: the file stores {name!r} and another tensor "
+                                 f"under the tied name {key!r}")
+            if key not in sd and dt.kind in "iub" and name not in st.plan.names:
+                ignored.append(name)  # an integer buffer the model builds itself, as load()
+                continue
+            if key not in sd:
+                raise ValueError(f"{where}: the file has tensor {name!r} (shape "
+                                 f"{tuple(shape)}), the model has no such entry")
+            if tuple(sd[key].shape) != tuple(shape):
+                raise ValueError(f"{where}: tensor {name!r} has shape {tuple(shape)} in the "
+                                 f"file, {tuple(sd[key].shape)} in the model")
+            keys[name] = key
+        missing = [k for k in sd if k not in keys.values() and k not in layers.aliases]
+        if missing:
+            raise ValueError(f"{where}: the model's {missing[0]!r} is not in the file "
+                             f"({len(missing)} missing)")
+        slots = {}
+        for lp in st.plan.layers:
+            slot = layers.slots.get(keys[lp.name])
+            if slot is None:
+                raise ValueError(f"{where}: layer {lp.name!r} is not a compressible tensor "
+                                 "of this model")
+            if slot.aliases:
+                raise ValueError(f"{fn}: layer {lp.name!r} is tied to "
+                                 f"{slot.alias_names[0]!r}; a tied weight cannot be packed")
+            _check_packable(fn, lp, slot.path, slot.module, slot.attr)
+            slots[lp.name] = slot
+        # only now is the model changed: the other tensors, then each layer packed
+        with torch.no_grad():
+            for name in st.file.other_names:
+                if name in ignored:
+                    continue
+                t = torch.from_numpy(np.ascontiguousarray(st.tensor(name)))
+                _tensor_at(model, keys[name]).copy_(t)
+        todo = st.plan.layers
+        if progress:
+            from tqdm import tqdm
+            todo = tqdm(todo, desc="pack", unit="layer")
+        for lp in todo:
+            slot = slots[lp.name]
+            mask, codes = st.layer_codes(lp.name)
+            pl = pack_layer(lp, codes, mask, index=index)
+            del mask, codes
+            w = getattr(slot.module, slot.attr)
+            new = _packed_module(pl, slot.module, w.dtype, small_batch).to(device=w.device)
+            del w
+            _set_module(model, slot.path, new)
+    if ignored:
+        import warnings
+        warnings.warn(f"{fn}: {str(path)!r}: integer tensor(s) the model does not hold were "
+                      f"not loaded: {', '.join(ignored)}", UserWarning, stacklevel=2)
+    return model
+
+
+def _tensor_at(model, key):
+    """The parameter or buffer of ``model`` named ``key`` in its state_dict."""
+    mod_path, _, attr = key.rpartition(".")
+    return getattr(model.get_submodule(mod_path) if mod_path else model, attr)
 
 
 def is_packed(model: nn.Module) -> bool:

@@ -131,6 +131,67 @@ def test_pack_errors_are_one_line():
         packed.fc1(torch.randn(1, 255))
 
 
+def _fresh(make):
+    torch.manual_seed(1)  # other weights than the saved model: load_packed must set them all
+    return (make_model("digits_cnn") if make is _cnn else TinyTransformer()).eval()
+
+
+@pytest.mark.parametrize("make,shape", [(_cnn, (1, 8, 8)), (_transformer, (6, 12))])
+@pytest.mark.parametrize("layout,index", [("entropy", "auto"), ("packed", "gap"),
+                                          ("packed", "bitmask")])
+def test_load_packed_equals_pack_of_load(tmp_path, make, shape, layout, index):
+    net = make(sparsity=0.85, bits=4)
+    f = tmp_path / "m.opq"
+    opq_torch.save(net, f, layout=layout)
+    loaded = _fresh(make)
+    opq_torch.load(f, loaded)
+    want = opq_torch.pack(loaded, index=index)
+    fresh = _fresh(make)
+    got = opq_torch.load_packed(f, fresh, index=index)
+    assert got is fresh and is_packed(got) and not opq_torch.is_compressed(got)
+    gsd, wsd = got.state_dict(), want.state_dict()
+    assert sorted(gsd) == sorted(wsd)
+    for k, v in wsd.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(gsd[k], v), k
+        else:
+            assert gsd[k] == v, k
+    with torch.no_grad():
+        for batch in (1, 40):
+            x = torch.randn(batch, *shape)
+            assert torch.equal(got(x), want(x))
+            assert torch.allclose(got(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_load_packed_refuses_before_touching_the_model(tmp_path):
+    net = _transformer(sparsity=0.8, bits=4)
+    f = tmp_path / "m.opq"
+    opq_torch.save(net, f)
+    with pytest.raises(ValueError, match="already compressed"):
+        opq_torch.load_packed(f, net)
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        opq_torch.load_packed(f, object())
+    with pytest.raises(ValueError, match="index must be"):
+        opq_torch.load_packed(f, TinyTransformer(), index="rle")
+    other = TinyTransformer(hidden=40)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"m.opq' does not fit this model: tensor 'ff1.bias' has "
+                                         r"shape \(48,\) in the file, \(40,\) in the model"):
+        opq_torch.load_packed(f, other)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    emb = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 4))
+    opq_torch.compress(emb, sparsity=0.5, bits=4)
+    g = tmp_path / "e.opq"
+    opq_torch.save(emb, g)
+    with pytest.raises(ValueError, match=r"load_packed: layer '0.weight' is a Embedding; only "
+                                         "Linear"):
+        opq_torch.load_packed(g, nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 4)))
+    with pytest.raises(ValueError, match="corrupt|truncated|not an .opq"):
+        bad = tmp_path / "bad.opq"
+        bad.write_bytes(f.read_bytes()[:100])
+        opq_torch.load_packed(bad, TinyTransformer())
+
+
 # ---------------------------------------------------------------------------------------
 # ONNX
 # ---------------------------------------------------------------------------------------
