@@ -13,6 +13,11 @@ unchanged. What a layer becomes (:attr:`ExportedLayer.encoding`):
     level :math:`\theta_c + s_c ((k - \tfrac12) D)` (offset) or :math:`k (s_c D)`
     (symmetric) is computed in float64 with the kernel's operation order and rounded once:
     bit for bit the plan's weights. Fully kept layers store no bitmask (``"codes-..."``).
+``"gap+codes-offset"`` / ``"gap+codes-symmetric"`` / ``"gap+codes-codebook"``
+    Very sparse layers (kept + n/255 below n/8 bytes, i.e. beyond about 88 % sparsity)
+    store the mask as run bytes instead of a bitmask (:func:`run_bytes`: per kept weight
+    the pruned entries before it, 255 standing for 255 of them), expanded in the graph by
+    ``CumSum`` and ``ScatterElements``; the rest is decoded as above.
 ``"bitmask+codes-codebook"``
     ``grid="codebook"``: the symbols index a lookup table ``[0, centroids...]`` (``Gather``;
     float64 and times the channel scales, then cast to float32, when the levels are in
@@ -29,9 +34,9 @@ unchanged. What a layer becomes (:attr:`ExportedLayer.encoding`):
     an empty layer: ``ConstantOfShape``.
  Everything decoding a weight depends on initializers
 only, so a runtime folds it once when it loads the model (onnxruntime does); the file stays
-small. The gap code of the packed ``.opq`` layout has no cheap ONNX form (sequential
-varints): very sparse layers take the bitmask, and the ONNX file can then be larger than the
-packed ``.opq``; :attr:`OnnxExport.table` shows both per layer.
+small. The gap code of the packed ``.opq`` layout (LEB128 varints) has no cheap ONNX
+form; the run bytes are its nearest ONNX-decodable relative (one byte per kept weight where
+the varints need one or two). :attr:`OnnxExport.table` shows both sizes per layer.
 
 The output is opset 21 (``DequantizeLinear`` with ``int4``/``int16``); the template's other
 nodes are kept as they are.
@@ -48,7 +53,7 @@ import numpy as np
 from ._results import total
 
 __all__ = ["compress_onnx", "write_onnx", "OnnxExport", "ExportedLayer", "OPSET",
-           "layer_encoding", "layer_payload_bytes", "exports_of"]
+           "layer_encoding", "layer_payload_bytes", "exports_of", "run_bytes"]
 
 #: Opset of the exported model's default domain (at least).
 OPSET = 21
@@ -137,7 +142,36 @@ def layer_encoding(lp, prefer: str = "small") -> str:
         return "zeros"
     if lp.grid == "symmetric" and prefer == "qdq":
         return f"{_int_type(lp.bits)[0].lower()}-dq"
-    return ("codes-" if lp.kept == n else "bitmask+codes-") + lp.grid
+    if lp.kept == n:
+        return "codes-" + lp.grid
+    return ("gap" if _gap_is_smaller(lp.kept, n) else "bitmask") + "+codes-" + lp.grid
+
+
+#: A run byte: ``r < 255`` is ``r`` pruned entries then a kept one; 255 is 255 pruned.
+_RUN_FILL = 255
+
+
+def _gap_is_smaller(kept: int, n: int) -> bool:
+    """The run-length form takes at most ``kept + n // 255`` bytes (one per kept weight,
+    one per 255 pruned in a row): taken when that bound is below the bitmask's bytes."""
+    return kept + n // _RUN_FILL < (n + 7) // 8
+
+
+def run_bytes(mask) -> np.ndarray:
+    """The run-length form of a flat mask the ``gap`` encodings store (uint8): per kept
+    entry the pruned entries before it, as ``255`` for every full 255 of them and then the
+    rest (< 255); trailing pruned entries are not stored.
+
+    >>> run_bytes(np.array([0, 1, 1] + [0] * 300 + [1], bool)).tolist()
+    [1, 0, 255, 45]
+    """
+    pos = np.flatnonzero(np.asarray(mask, dtype=bool).reshape(-1))
+    gaps = np.diff(pos, prepend=-1) - 1
+    fills = gaps // _RUN_FILL
+    out = np.full(int(gaps.size + fills.sum()), _RUN_FILL, dtype=np.uint8)
+    at = np.cumsum(fills + 1) - 1  # where each kept entry's byte goes
+    out[at] = (gaps - fills * _RUN_FILL).astype(np.uint8)
+    return out
 
 
 def layer_payload_bytes(lp, prefer: str = "small") -> int:
@@ -151,7 +185,13 @@ def layer_payload_bytes(lp, prefer: str = "small") -> int:
     if enc.endswith("-dq"):
         t, _ = _int_type(lp.bits)
         return ((n + 1) // 2 if t == "INT4" else n * (2 if t == "INT16" else 1)) + 4 * c
-    size = (0 if lp.kept == n else (n + 7) // 8) + (lp.kept * lp.bits + 7) // 8
+    if lp.kept == n:
+        index = 0
+    elif enc.startswith("gap"):
+        index = lp.kept + n // _RUN_FILL  # at most (the mask's runs decide)
+    else:
+        index = (n + 7) // 8
+    size = index + (lp.kept * lp.bits + 7) // 8
     if lp.grid == "symmetric":
         return size + 8 * c
     if lp.grid == "offset":
@@ -221,6 +261,31 @@ def _unpack_stream(b, buf_name, count, bits):
                                 b.const(np.array([1], np.int64), "axes")], keepdims=0)
 
 
+def _runs_to_bits(b, runs_name, n, kept):
+    """Graph: the ``n`` mask entries (int64 0/1) of the run bytes of :func:`run_bytes`:
+    each byte advances ``r + 1`` entries (255: 255; ``CumSum``) and a byte below 255 marks
+    the entry it lands on as kept (``ScatterElements`` into ``n + 1`` zeros, the fill
+    bytes aimed at the extra last entry, which is cut off). Every shape is static, so a
+    runtime folds it with the initializers (a ``Compress`` would stop onnxruntime's
+    folding)."""
+    r = b.node("Cast", [runs_name], to=7)  # INT64
+    fill = b.const(np.array(_RUN_FILL, np.int64), "fill")
+    is_fill = b.node("Equal", [r, fill])
+    step = b.node("Where", [is_fill, fill, b.node("Add", [r, b.const(np.array(1, np.int64),
+                                                                      "one")])])
+    pos = b.node("Sub", [b.node("CumSum", [step, b.const(np.array(0, np.int64), "axis")]),
+                         b.const(np.array(1, np.int64), "one")])
+    target = b.node("Where", [is_fill, b.const(np.array(n, np.int64), "n"), pos])
+    marks = b.node("Cast", [b.node("Not", [is_fill])], to=7)
+    zero = b.nh.from_array(np.array([0], np.int64), "value")
+    zeros = b.node("ConstantOfShape", [b.const(np.array([n + 1], np.int64), "n1")],
+                   value=zero)
+    # (the fill bytes all aim at the extra entry: "max" makes the duplicates well defined)
+    bits = b.node("ScatterElements", [zeros, target, marks], axis=0, reduction="max")
+    return b.node("Slice", [bits, b.const(np.array([0], np.int64), "start"),
+                            b.const(np.array([n], np.int64), "end")])
+
+
 def _layer_nodes(b, lp, codes, mask, out_name, elem_type, prefer):
     """Build the decode subgraph of one layer; returns the encoding."""
     from .kernels import codes_to_symbols, pack_bits, pack_mask
@@ -273,8 +338,10 @@ def _layer_nodes(b, lp, codes, mask, out_name, elem_type, prefer):
         dense_code = b.node("Reshape", [kcode, shp])
         mask_t = None
     else:
-        mbuf = b.const(pack_mask(m), "bitmask")
-        mbits = _unpack_stream(b, mbuf, n, 1)
+        if enc.startswith("gap"):
+            mbits = _runs_to_bits(b, b.const(run_bytes(m), "runs"), n, lp.kept)
+        else:
+            mbits = _unpack_stream(b, b.const(pack_mask(m), "bitmask"), n, 1)
         mask_flat = b.node("Cast", [mbits], to=9)  # BOOL
         rank = b.node("Sub", [b.node("CumSum", [mbits, b.const(np.array(0, np.int64), "axis")]),
                               b.const(np.array(1, np.int64), "one")])

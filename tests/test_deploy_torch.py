@@ -214,7 +214,9 @@ def test_onnx_export_equals_the_compressed_model(tmp_path, make, shape, kw, pref
     rep = opq_torch.export_onnx(net, torch.randn(1, *shape), path, prefer=prefer,
                                 input_names=["x"], dynamic_axes={"x": {0: "batch"}})
     encodings = {e.encoding for e in rep.layers}
-    assert encoding in encodings and encodings <= {encoding, "zeros"}
+    # (layers pruned beyond ~88 % take the run-byte form of the same grid)
+    assert encoding in encodings and encodings <= {encoding, "zeros",
+                                                   encoding.replace("bitmask+", "gap+")}
     assert ("zeros" in encodings) == any(lp.kept == 0 for lp in opq_torch.plan_of(net).layers)
     m = onnx.load(str(path))
     onnx.checker.check_model(m)
@@ -248,6 +250,57 @@ def test_onnx_default_export_decodes_bit_exactly(tmp_path, grid):
     assert np.array_equal(got, opq_torch.compressed_weights(net)["ff1.weight"])
 
 
+@pytest.mark.parametrize("grid", ["offset", "symmetric"])
+def test_onnx_gap_form_of_very_sparse_layers_decodes_bit_exactly(tmp_path, grid):
+    """Layers beyond ~88 % sparsity store run bytes instead of a bitmask; every weight
+    decoded by onnxruntime equals the compressed model's, and the layer is smaller."""
+    from onnx import helper, TensorProto
+    from opq_core.export_onnx import run_bytes
+    net = _transformer(sparsity=0.97, bits=4, grid=grid)
+    path = tmp_path / "m.onnx"
+    rep = opq_torch.export_onnx(net, torch.randn(1, 6, 12), path)
+    gap = [e.name for e in rep.layers if e.encoding.startswith("gap+")]
+    assert gap, [e.encoding for e in rep.layers]
+    plan, masks = opq_torch.plan_of(net), opq_torch.masks_of(net)
+    for name in gap:
+        lp = plan[name]
+        n = int(np.prod(lp.shape))
+        stored = run_bytes(np.asarray(masks[name])).size
+        assert stored <= lp.kept + n // 255  # the bound layer_payload_bytes counts
+        assert stored < (n + 7) // 8  # below the bitmask
+    m = onnx.load(str(path))
+    onnx.checker.check_model(m)
+    m.graph.output.extend([helper.make_tensor_value_info(nm, TensorProto.FLOAT, None)
+                           for nm in plan.names])
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = s.run(list(plan.names), {s.get_inputs()[0].name: np.zeros((1, 6, 12), np.float32)})
+    want = opq_torch.compressed_weights(net)
+    for nm, g in zip(plan.names, got):
+        assert np.array_equal(g, np.asarray(want[nm])), nm
+    # onnxruntime folds the decoding once at load: no decode node is left to run
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ops = {nd.op_type for nd in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    assert not ops & {"ScatterElements", "CumSum", "BitShift", "Gather"}, ops
+
+
+def test_run_bytes_round_trip_with_long_runs():
+    from opq_core.export_onnx import run_bytes
+    rng = np.random.default_rng(5)
+    for trial in range(30):
+        n = int(rng.integers(1, 3000))
+        m = rng.random(n) < rng.choice([0.001, 0.01, 0.3])
+        if trial % 3 == 0:  # runs of exactly 255, 510 and 254 pruned entries
+            m = np.zeros(n + 1100, bool)
+            m[[254, 510, 1020, 1021, 1100 + n - 1]] = True
+        r = run_bytes(m).astype(np.int64)
+        step = np.where(r == 255, 255, r + 1)
+        pos = (np.cumsum(step) - 1)[r != 255]  # what the graph computes
+        assert np.array_equal(pos, np.flatnonzero(m))
+        assert r.size <= m.sum() + m.size // 255
+
+
 def test_codebook_layers_export(tmp_path):
     from dataclasses import replace
     net = _transformer(sparsity=0.7, bits=3)
@@ -265,7 +318,9 @@ def test_codebook_layers_export(tmp_path):
     path = tmp_path / "cb.onnx"
     rep = opq_torch.export_onnx(fresh, torch.randn(1, 6, 12), path, input_names=["x"],
                                 dynamic_axes={"x": {0: "batch"}})
-    assert {e.encoding for e in rep.layers} == {"bitmask+codes-codebook"}
+    # (layers pruned beyond ~88 % take the run-byte form)
+    assert {e.encoding for e in rep.layers} <= {"bitmask+codes-codebook", "gap+codes-codebook"}
+    assert "bitmask+codes-codebook" in {e.encoding for e in rep.layers}
     x = torch.randn(3, 6, 12)
     with torch.no_grad():
         want = fresh(x).numpy()
