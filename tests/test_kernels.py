@@ -538,6 +538,10 @@ def test_other_bad_input():
         K.gap_decode(np.array([0x80], np.uint8), 10)
     with pytest.raises(ValueError, match="beyond n=3"):
         K.gap_decode(np.array([5], np.uint8), 3)
+    with pytest.raises(ValueError, match="beyond n=100"):  # the largest 9-byte varint, 2**63 - 1
+        K.gap_decode(np.array([0xFF] * 8 + [0x7F], np.uint8), 100)
+    with pytest.raises(ValueError, match="longer than 9 bytes"):
+        K.gap_decode(np.array([0xFF] * 9 + [0x01], np.uint8), 100)
     with pytest.raises(ValueError, match="padding bits"):
         K.unpack_mask(np.array([0xFF], np.uint8), 3)
     with pytest.raises(ValueError, match="not a kept code"):
