@@ -200,7 +200,7 @@ def _read_varints(data: bytes, count: int, what: str) -> np.ndarray:
     i = 0
     for _ in range(count):
         v, i = _GET_VARINT(buf, i)
-        if i < 0:
+        if i < 0 or v > _MODEL_MAX:  # the writer's tables stop at _MODEL_MAX
             raise OpqFormatError(f"{what}: malformed symbol model (corrupt file)")
         vals.append(v)
     if i != len(data):

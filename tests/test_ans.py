@@ -165,3 +165,14 @@ def test_decoded_raises_in_order_and_keeps_the_order(tmp_path):
         assert got == names
         with pytest.raises(KeyError):
             next(it)
+
+
+def test_a_symbol_model_beyond_the_writers_range_is_refused():
+    from opq_core._codec import _read_varints, _varints
+    from opq_core._container import OpqFormatError, _MODEL_MAX
+    assert _read_varints(_varints([0, 7, _MODEL_MAX]), 3, "layer 'fc'").tolist() == \
+        [0.0, 7.0, float(_MODEL_MAX)]
+    for bad in (_varints([1, _MODEL_MAX + 1]), _varints([1]) + bytes([0x80]),
+                _varints([1, 2]) + b"\x00"):
+        with pytest.raises(OpqFormatError, match="layer 'fc': .*symbol model"):
+            _read_varints(bad, 2, "layer 'fc'")
