@@ -290,10 +290,10 @@ def load_packed(path, model: nn.Module, *, small_batch: int = 32, index: str = "
             m = name if name in sd else renamed(name)
             return layers.aliases.get(m, m)
 
-        keys, ignored = {}, []
+        keys, ignored, taken = {}, [], set()
         for name in st.names:
             key, (shape, dt) = canon(name), st.info(name)
-            if key in keys.values():
+            if key in taken:
                 raise ValueError(f"{where}: the file stores {name!r} and another tensor "
                                  f"under the tied name {key!r}")
             if key not in sd and dt.kind in "iub" and name not in st.plan.names:
@@ -306,7 +306,8 @@ def load_packed(path, model: nn.Module, *, small_batch: int = 32, index: str = "
                 raise ValueError(f"{where}: tensor {name!r} has shape {tuple(shape)} in the "
                                  f"file, {tuple(sd[key].shape)} in the model")
             keys[name] = key
-        missing = [k for k in sd if k not in keys.values() and k not in layers.aliases]
+            taken.add(key)
+        missing = [k for k in sd if k not in taken and k not in layers.aliases]
         if missing:
             raise ValueError(f"{where}: the model's {missing[0]!r} is not in the file "
                              f"({len(missing)} missing)")
