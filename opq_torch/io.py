@@ -129,6 +129,43 @@ def save(model, path, *, layout: str = "entropy", metadata=None,
                      layout=layout, metadata=metadata, progress=progress)
 
 
+def _match_file(model, layers, entries, compressed, where, fn):
+    """The model's ``state_dict`` name of every tensor of a file: ``entries`` are the file's
+    ``(name, shape, dtype)``, ``compressed`` its compressed layers' names, ``layers`` the
+    model's :func:`discover`. Names saved by ``save_pretrained`` are mapped back and a tied
+    tensor may be stored under any of its names. Returns ``({file name: model name},
+    ignored)``: integer buffers the model does not hold (it builds them itself) are
+    ignored; any other tensor the model lacks, a shape mismatch, a tie stored twice and a
+    model entry the file lacks raise ``ValueError`` after ``where``."""
+    sd = model.state_dict()
+    renamed = _saved_names(model, fn)  # a save_pretrained folder's name -> the model's
+    keys, ignored, taken = {}, [], set()
+    for name, shape, dtype in entries:
+        m = name if name in sd else renamed(name)
+        key = layers.aliases.get(m, m)
+        if key in taken:
+            raise ValueError(f"{where}: the file stores {name!r} and {key!r}, which are one "
+                             f"tied tensor in this model")
+        if key not in sd:
+            if np.dtype(dtype).kind in "iub" and name not in compressed:
+                # integer buffers a checkpoint holds and the model builds itself (BERT's
+                # position_ids is non-persistent in recent transformers): not loaded
+                ignored.append(name)
+                continue
+            raise ValueError(f"{where}: the file has tensor {name!r} (shape {tuple(shape)}), "
+                             "the model has no such entry (a file for another model?)")
+        if tuple(sd[key].shape) != tuple(shape):
+            raise ValueError(f"{where}: tensor {name!r} has shape {tuple(shape)} in the "
+                             f"file, {tuple(sd[key].shape)} in the model")
+        keys[name] = key
+        taken.add(key)
+    missing = [k for k in sd if k not in taken and k not in layers.aliases]
+    if missing:
+        raise ValueError(f"{where}: the model's {missing[0]!r} is not in the file "
+                         f"({len(missing)} missing)")
+    return keys, ignored
+
+
 def load(path, model, *, progress: bool = False) -> CompressedFile:
     """Compress ``model`` in place as the saved one was and load its weights.
 
@@ -158,42 +195,17 @@ def load(path, model, *, progress: bool = False) -> CompressedFile:
     where = f"load: {str(path)!r} does not fit this model"
     layers = discover(model, fn="load")
     sd = model.state_dict()
-    renamed = _saved_names(model, "load")  # a save_pretrained folder's name -> the model's
-
-    def canon(name):
-        """The model's first state_dict name of a file's tensor (renamed, or tied)."""
-        m = name if name in sd else renamed(name)
-        return layers.aliases.get(m, m)
-
-    tensors, ignored = {}, []
     stored = {lp.name: lp.to_stored(cf.weights[lp.name]) for lp in cf.plan.layers}
-    for name, arr in list(cf.other.items()) + list(stored.items()):
-        key = canon(name)
-        if key in tensors:
-            raise ValueError(f"{where}: the file stores {name!r} and {key!r}, which are one "
-                             f"tied tensor in this model")
-        if key not in sd:
-            if arr.dtype.kind in "iub" and name not in stored:
-                # integer buffers a checkpoint holds and the model builds itself (BERT's
-                # position_ids is non-persistent in recent transformers): not loaded
-                ignored.append(name)
-                continue
-            raise ValueError(f"{where}: the file has tensor {name!r} (shape {tuple(arr.shape)}), "
-                             "the model has no such entry (a file for another model?)")
-        if tuple(sd[key].shape) != tuple(arr.shape):
-            raise ValueError(f"{where}: tensor {name!r} has shape {tuple(arr.shape)} in the "
-                             f"file, {tuple(sd[key].shape)} in the model")
-        tensors[key] = arr
-    missing = [k for k in sd if k not in tensors and k not in layers.aliases]
-    if missing:
-        raise ValueError(f"{where}: the model's {missing[0]!r} is not in the file "
-                         f"({len(missing)} missing)")
+    arrays = dict(list(cf.other.items()) + list(stored.items()))
+    keys, ignored = _match_file(model, layers, [(k, a.shape, a.dtype) for k, a in arrays.items()],
+                                stored, where, "load")
+    tensors = {keys[k]: a for k, a in arrays.items() if k in keys}
     # plan layers under the model's names (renamed or tied tensors)
     plan, masks = cf.plan, dict(cf.masks)
-    if any(canon(lp.name) != lp.name for lp in plan.layers):
+    if any(keys[lp.name] != lp.name for lp in plan.layers):
         plan = dc_replace(plan, layers=tuple(
-            dc_replace(lp, name=canon(lp.name)) for lp in plan.layers))
-        masks = {canon(k): v for k, v in masks.items()}
+            dc_replace(lp, name=keys[lp.name]) for lp in plan.layers))
+        masks = {keys[k]: v for k, v in masks.items()}
     try:
         plan, layers, installed = _prepare(model, plan, fn="load", masks=masks)
     except (ValueError, TypeError) as exc:

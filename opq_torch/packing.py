@@ -206,10 +206,7 @@ def pack(model: nn.Module, *, inplace: bool = False, small_batch: int = 32,
         The packed model (``model`` itself when ``inplace``).
     """
     mods = _require(model, "pack")
-    if not isinstance(small_batch, int) or isinstance(small_batch, bool) or small_batch < 0:
-        raise ValueError(f"pack: small_batch must be an int >= 0, got {small_batch!r}")
-    if index not in ("auto", "bitmask", "gap"):
-        raise ValueError(f"pack: index must be 'auto', 'bitmask' or 'gap', got {index!r}")
+    _check_pack_args("pack", small_batch, index)
     for path, mod, attr, q in mods:
         _check_packable("pack", q.layer, path, mod, attr)
         if len(mod.parametrizations.weight) != 1:
@@ -227,6 +224,13 @@ def pack(model: nn.Module, *, inplace: bool = False, small_batch: int = 32,
         pl = pack_layer(lp, layer_codes(lp, wn, mask), mask, index=index)
         _set_module(out, path, _packed_module(pl, mod, wdt, small_batch).to(device=w.device))
     return out
+
+
+def _check_pack_args(fn, small_batch, index):
+    if not isinstance(small_batch, int) or isinstance(small_batch, bool) or small_batch < 0:
+        raise ValueError(f"{fn}: small_batch must be an int >= 0, got {small_batch!r}")
+    if index not in ("auto", "bitmask", "gap"):
+        raise ValueError(f"{fn}: index must be 'auto', 'bitmask' or 'gap', got {index!r}")
 
 
 def _check_packable(fn, lp, path, mod, attr):
@@ -269,48 +273,19 @@ def load_packed(path, model: nn.Module, *, small_batch: int = 32, index: str = "
     from opq_core.format import OpqStream
 
     from ._layers import discover
-    from .io import _saved_names
+    from .io import _match_file
     fn = "load_packed"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
     if _compressed_modules(model) or is_packed(model):
         raise ValueError(f"{fn}: model is already compressed or packed; pass a freshly "
                          "built model")
-    if not isinstance(small_batch, int) or isinstance(small_batch, bool) or small_batch < 0:
-        raise ValueError(f"{fn}: small_batch must be an int >= 0, got {small_batch!r}")
-    if index not in ("auto", "bitmask", "gap"):
-        raise ValueError(f"{fn}: index must be 'auto', 'bitmask' or 'gap', got {index!r}")
+    _check_pack_args(fn, small_batch, index)
     with OpqStream(path) as st:
         where = f"{fn}: {str(path)!r} does not fit this model"
         layers = discover(model, fn=fn)
-        sd = model.state_dict()
-        renamed = _saved_names(model, fn)
-
-        def canon(name):
-            m = name if name in sd else renamed(name)
-            return layers.aliases.get(m, m)
-
-        keys, ignored, taken = {}, [], set()
-        for name in st.names:
-            key, (shape, dt) = canon(name), st.info(name)
-            if key in taken:
-                raise ValueError(f"{where}: the file stores {name!r} and another tensor "
-                                 f"under the tied name {key!r}")
-            if key not in sd and dt.kind in "iub" and name not in st.plan.names:
-                ignored.append(name)  # an integer buffer the model builds itself, as load()
-                continue
-            if key not in sd:
-                raise ValueError(f"{where}: the file has tensor {name!r} (shape "
-                                 f"{tuple(shape)}), the model has no such entry")
-            if tuple(sd[key].shape) != tuple(shape):
-                raise ValueError(f"{where}: tensor {name!r} has shape {tuple(shape)} in the "
-                                 f"file, {tuple(sd[key].shape)} in the model")
-            keys[name] = key
-            taken.add(key)
-        missing = [k for k in sd if k not in taken and k not in layers.aliases]
-        if missing:
-            raise ValueError(f"{where}: the model's {missing[0]!r} is not in the file "
-                             f"({len(missing)} missing)")
+        keys, ignored = _match_file(model, layers, [(k, *st.info(k)) for k in st.names],
+                                    set(st.plan.names), where, fn)
         slots = {}
         for lp in st.plan.layers:
             slot = layers.slots.get(keys[lp.name])
