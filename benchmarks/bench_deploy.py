@@ -158,7 +158,7 @@ def bench_onnx(d, hidden, blocks, repeat, tmp):
 _LOAD_CHILD = r"""
 import gc, json, sys, time
 import torch, opq_torch
-sys.path.insert(0, sys.argv[5])
+sys.path.insert(0, sys.argv[4])
 from bench_deploy import MLPStack
 
 def rss():
@@ -177,8 +177,7 @@ def run(mode, path, net):
         if mode == "load+pack":
             opq_torch.pack(net, inplace=True)
 
-mode, path, small, dims = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-run(mode, small, MLPStack(64, 256, dims[2]).eval())
+mode, path, dims = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 run(mode, path, MLPStack(*dims).eval())  # every kernel compiled (the parallel ones too)
 gc.collect()
 torch.manual_seed(1)
@@ -206,9 +205,6 @@ def bench_load(d, hidden, blocks, tmp):
     opq_torch.compress(net, sparsity=0.8, bits=4)
     path = os.path.join(tmp, "load.opq")
     f = opq_torch.save(net, path)
-    small = MLPStack(64, 256, blocks).eval()
-    opq_torch.compress(small, sparsity=0.8, bits=4)
-    opq_torch.save(small, os.path.join(tmp, "small.opq"))
     packed_bytes = opq_torch.save(net, os.path.join(tmp, "load.packed.opq"),
                                   layout="packed").file_bytes
     del net
@@ -216,8 +212,7 @@ def bench_load(d, hidden, blocks, tmp):
     rows = []
     for mode in ("load", "load+pack", "load_packed"):
         out = subprocess.run([sys.executable, "-c", _LOAD_CHILD, mode, path,
-                              os.path.join(tmp, "small.opq"), json.dumps([d, hidden, blocks]),
-                              HERE],
+                              json.dumps([d, hidden, blocks]), HERE],
                              capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append({"mode": mode, "seconds": r["seconds"],

@@ -177,8 +177,8 @@ def _quantized_table(symbols: np.ndarray, nsym: int) -> np.ndarray:
     return np.where(counts > 0, np.maximum(q, 1), 0)
 
 
-# The one LEB128 writer and reader are the gap code's (kernels/index.py); a few hundred table entries
-# run its Python body, which costs less than a Numba call per entry.
+# The one LEB128 writer and reader are the gap code's (kernels/index.py); a few hundred
+# table entries run their Python bodies, which costs less than a Numba call per entry.
 _PUT_VARINT = getattr(_put_varint, "py_func", _put_varint)
 _VARINT_LEN = getattr(_varint_len, "py_func", _varint_len)
 _GET_VARINT = getattr(_get_varint, "py_func", _get_varint)

@@ -261,7 +261,7 @@ def _unpack_stream(b, buf_name, count, bits):
                                 b.const(np.array([1], np.int64), "axes")], keepdims=0)
 
 
-def _runs_to_bits(b, runs_name, n, kept):
+def _runs_to_bits(b, runs_name, n):
     """Graph: the ``n`` mask entries (int64 0/1) of the run bytes of :func:`run_bytes`:
     each byte advances ``r + 1`` entries (255: 255; ``CumSum``) and a byte below 255 marks
     the entry it lands on as kept (``ScatterElements`` into ``n + 1`` zeros, the fill
@@ -339,7 +339,7 @@ def _layer_nodes(b, lp, codes, mask, out_name, elem_type, prefer):
         mask_t = None
     else:
         if enc.startswith("gap"):
-            mbits = _runs_to_bits(b, b.const(run_bytes(m), "runs"), n, lp.kept)
+            mbits = _runs_to_bits(b, b.const(run_bytes(m), "runs"), n)
         else:
             mbits = _unpack_stream(b, b.const(pack_mask(m), "bitmask"), n, 1)
         mask_flat = b.node("Cast", [mbits], to=9)  # BOOL
